@@ -1,0 +1,37 @@
+# `make demo` and `make test` do everything on a fresh machine: venv, install, data, run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install data demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST from Debian's package where apt exists; elsewhere set data.root (see README).
+data:
+	@if [ -f $(FMNIST) ] || [ -n "$$CONMIM_FASHION_MNIST" ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist); \
+	else echo "Fashion-MNIST not found: set CONMIM_FASHION_MNIST or data.root (see README)"; fi
+
+demo: install data
+	$(BIN)/conmim train tiny --out runs/demo
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+bench: install data
+	$(BIN)/python benchmarks/step.py
+
+clean:
+	rm -rf runs ray_results mlflow.db mlruns .pytest_cache

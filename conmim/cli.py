@@ -1,0 +1,225 @@
+"""The ``conmim`` command line."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from conmim.config import ConfigError, load_config
+
+SET_HELP = "Override a config key, e.g. --set objective.temperature=0.2 (repeatable)."
+
+
+class UsageProblem(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"conmim: error: {self.format_message()}", err=True)
+
+
+def friendly_errors(fn):
+    """Bad input -> one paragraph on stderr and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from conmim.data import DataMissing
+        try:
+            return fn(*a, **kw)
+        except (ConfigError, DataMissing) as e:
+            raise UsageProblem(str(e)) from None
+    return wrapper
+
+
+def _load(config: str, sets: tuple[str, ...]):
+    return load_config(config, list(sets))
+
+
+def _print_result(result: dict, out: Path) -> None:
+    keys = ["finetune_top1", "linear_probe_top1", "knn_top1", "final_pretrain_loss", "final_target_std",
+            "pretrain_seconds", "probe_seconds", "finetune_seconds", "wall_seconds"]
+    click.echo(json.dumps({k: result.get(k) for k in keys}, indent=2))
+    click.echo(f"result: {out / 'result.json'}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """ConMIM ablations: pre-train, fine-tune, sweep and report.
+
+    CONFIG arguments take a YAML file or a preset name (tiny, demo, vit-s16-imagenet,
+    vit-b16-imagenet). Bad configs exit with code 2 and say which key is wrong.
+    """
+
+
+@main.command()
+@click.argument("config")
+@click.option("--set", "sets", multiple=True, help=SET_HELP)
+@friendly_errors
+def validate(config, sets):
+    """Print the resolved config (and its canonical id), or say what is wrong with it."""
+    from conmim.config import canonical_hash
+    cfg = _load(config, sets)
+    click.echo(cfg.to_yaml(), nl=False)
+    click.echo(f"# canonical experiment id: {canonical_hash(cfg)}")
+
+
+def _run_options(fn):
+    fn = click.option("--set", "sets", multiple=True, help=SET_HELP)(fn)
+    fn = click.option("--out", type=click.Path(file_okay=False), default="runs/train", show_default=True,
+                      help="Folder for result.json and checkpoints.")(fn)
+    fn = click.option("--backend", type=click.Choice(["ray", "process"]), default="ray", show_default=True,
+                      help="ray: Ray Train workers (resources.* of the config); process: this process only.")(fn)
+    fn = click.option("--address", default=None, help="Join this Ray cluster (default: start a local Ray).")(fn)
+    return fn
+
+
+@main.command()
+@click.argument("config")
+@_run_options
+@friendly_errors
+def train(config, sets, out, backend, address):
+    """Pre-train, probe and fine-tune one configuration; writes OUT/result.json."""
+    cfg = _load(config, sets)
+    out = Path(out).resolve()
+    if backend == "process":
+        from conmim.trial import run_in_process
+        result = run_in_process(cfg, out)
+    else:
+        from conmim.distributed import run_on_ray
+        result = run_on_ray(cfg, out, address=address)
+    _print_result(result, out)
+
+
+@main.command()
+@click.argument("config")
+@_run_options
+@friendly_errors
+def pretrain(config, sets, out, backend, address):
+    """Pre-train only; the last checkpoint is OUT/checkpoints/pretrain/latest."""
+    cfg = _load(config, sets)
+    out = Path(out).resolve()
+    if backend == "process":
+        from conmim.pretrain import pretrain as run
+        from conmim.session import LocalSession
+        res = run(cfg, LocalSession(out, "pretrain"))
+        ckpt = out / "checkpoints" / "pretrain" / "latest"
+        loss = res["final_pretrain_loss"]
+    else:
+        from conmim.distributed import pretrain_on_ray
+        ckpt, loss = pretrain_on_ray(cfg, out, address=address)
+    click.echo(json.dumps({"final_pretrain_loss": loss, "checkpoint": str(ckpt)}, indent=2))
+
+
+@main.command()
+@click.argument("config")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A pre-training checkpoint folder (holding state.pt).")
+@_run_options
+@friendly_errors
+def finetune(config, checkpoint, sets, out, backend, address):
+    """Fine-tune the encoder of a pre-training checkpoint (finetune.encoder picks which)."""
+    cfg = _load(config, sets)
+    out = Path(out).resolve()
+    if not (Path(checkpoint) / "state.pt").exists():
+        raise UsageProblem(f"--checkpoint {checkpoint}: no state.pt inside; pass a folder written by 'conmim pretrain'.")
+    if backend == "process":
+        from conmim.trial import finetune_from_checkpoint
+        res = finetune_from_checkpoint(cfg, checkpoint, out)
+    else:
+        from conmim.distributed import finetune_on_ray
+        res = finetune_on_ray(cfg, Path(checkpoint).resolve(), out, address=address)
+    click.echo(json.dumps(res, indent=2, default=float))
+
+
+@main.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True,
+              help="Override a key of the sweep file, e.g. --set base=demo --set seeds=[0] (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Print the trial table and counts; start nothing.")
+@click.option("--resume", is_flag=True, help="Continue the sweep in its storage: finished trials are not re-run.")
+@click.option("--address", default=None, help="Run on this Ray cluster (default: a local Ray).")
+@friendly_errors
+def sweep(sweep_file, sets, dry_run, resume, address):
+    """Run an ablation sweep: Ray Tune trials, each pre-trained and fine-tuned on Ray Train,
+    every trial an MLflow run, results in STORAGE/NAME/results.parquet and a report."""
+    from conmim.sweep_config import load_sweep, trial_table
+    sw = load_sweep(sweep_file, list(sets))
+    if dry_run:
+        click.echo(trial_table(sw))
+        extra = f", Optuna samples: {sw.spec.optuna.num_samples}" if sw.spec.search == "optuna" else ""
+        click.echo(f"\n{len(sw.trials)} trials: {len(sw.distinct)} distinct, {len(sw.aliases)} aliases{extra}")
+        return
+    from conmim.sweep import run_sweep
+    try:
+        counts = run_sweep(sw, resume=resume, address=address)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: trials stopped, their MLflow runs ended as KILLED. "
+                   f"Continue with: conmim sweep {sweep_file} --resume", err=True)
+        sys.exit(130)
+    click.echo(f"sweep '{sw.spec.name}' done: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    click.echo(f"results: {sw.dir / 'results.parquet'}\nreport:  {sw.dir / 'report.md'}")
+    report_path = sw.dir / "report.md"
+    if report_path.exists():
+        click.echo(report_path.read_text())
+
+
+@main.command()
+@click.argument("source")
+@click.option("--tracking-uri", default=None, help="MLflow store when SOURCE is an experiment name (default: ./mlflow.db).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where report.md/report.png go.")
+@friendly_errors
+def report(source, tracking_uri, out):
+    """Ablation table of a sweep: SOURCE is a sweep folder or an MLflow experiment name."""
+    from conmim.report import make_report
+    try:
+        res = make_report(source, tracking_uri, Path(out) if out else None)
+    except FileNotFoundError as e:
+        raise UsageProblem(str(e)) from None
+    click.echo(res["markdown"])
+    click.echo(f"wrote {res['report']} and {res['png']}")
+
+
+@main.command()
+@click.argument("sweep_file", required=False)
+@click.option("--tracking-uri", default=None, help="MLflow store (default: the sweep's, else ./mlflow.db).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you must.")
+@click.option("--port", default=5000, show_default=True)
+@friendly_errors
+def ui(sweep_file, tracking_uri, host, port):
+    """Start the MLflow UI on the sweep's tracking store and print its address."""
+    import subprocess
+    uri = tracking_uri
+    if uri is None and sweep_file:
+        from conmim.sweep_config import load_sweep
+        uri = load_sweep(sweep_file).tracking_uri
+    uri = uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    click.echo(f"MLflow UI: http://{host}:{port}  (store: {uri}); Ctrl-C stops it")
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    sys.exit(subprocess.call([mlflow_bin, "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]))
+
+
+@main.group()
+def data():
+    """Dataset utilities."""
+
+
+@data.command("prepare")
+@click.argument("dataset", type=click.Choice(["fashion-mnist"]))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--root", default=None, help="Folder of the idx files (default: Debian's dataset-fashion-mnist).")
+@click.option("--limit", type=int, default=None, help="At most N images per split.")
+@friendly_errors
+def data_prepare(dataset, out, root, limit):
+    """Write DATASET as a Parquet file of PNG bytes, labels and split (usable as data.name=parquet)."""
+    from types import SimpleNamespace
+    from conmim.data import DataMissing, missing_data_message, write_parquet
+    msg = missing_data_message(SimpleNamespace(name=dataset, root=root, download=False))
+    if msg:
+        raise DataMissing(msg)
+    n = write_parquet(dataset, out, root, limit)
+    click.echo(f"wrote {n} images to {out}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Datasets as labelled image sets with fixed train / val / test splits.
+
+* ``fashion-mnist``: the idx files of Debian's ``dataset-fashion-mnist`` package (or ``root``);
+  train/val from the official 60k training images (fixed shuffle, ``val_size`` held out), test =
+  the official 10k test images.
+* ``imagefolder``: ImageNet layout, ``root/train/<class>/*`` and ``root/val/<class>/*``.
+* ``parquet``: rows of (``image``: encoded bytes, ``label``: int, ``split``: train|test).
+
+Fixed-size sources hand out uint8 batches and the batched transforms crop them; variable-size
+sources (ImageFolder, Parquet of JPEGs) crop each image as it is decoded, with the same
+per-image parameters (:mod:`conmim.rng`).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from conmim import rng as crng
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+FASHION_MNIST_STATS = ((0.2860,) * 3, (0.3530,) * 3)
+SPLIT_SEED = 20230101  # the train/val split never changes with the experiment's seed
+
+
+class DataMissing(FileNotFoundError):
+    pass
+
+
+@dataclass
+class ImageSet:
+    """One split. ``pixels`` is a uint8 [N, C, H, W] tensor for fixed-size sources; otherwise
+    ``files`` (paths or encoded bytes) are decoded on demand."""
+    labels: np.ndarray
+    num_classes: int
+    mean: tuple
+    std: tuple
+    pixels: Optional[torch.Tensor] = None
+    files: Optional[list] = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def fixed_size(self) -> bool:
+        return self.pixels is not None
+
+    def take(self, keep: np.ndarray) -> "ImageSet":
+        return ImageSet(self.labels[keep], self.num_classes, self.mean, self.std,
+                        None if self.pixels is None else self.pixels[torch.as_tensor(keep)],
+                        None if self.files is None else [self.files[i] for i in keep])
+
+    def batch(self, index, size: int, crop=None) -> torch.Tensor:
+        """uint8 [B, 3, ., .]: raw pixels for fixed-size sources; for the others each image is
+        decoded and either cropped by ``crop`` (a :class:`PerImageCrop`) or resized + centre-cropped."""
+        index = np.asarray(index)
+        if self.pixels is not None:
+            x = self.pixels[torch.as_tensor(index)]
+            return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        imgs = [_decode(self.files[i]) for i in index]
+        out = crop(imgs, index) if crop is not None else [_center(im, size) for im in imgs]
+        return torch.stack([_pil_to_uint8(im) for im in out])
+
+
+def _decode(item):
+    from PIL import Image
+    im = Image.open(io.BytesIO(item)) if isinstance(item, (bytes, bytearray)) else Image.open(item)
+    return im.convert("RGB")
+
+
+def _center(im, size: int):
+    from PIL import Image
+    short = int(round(size / 0.875))
+    w, h = im.size
+    s = short / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def _pil_to_uint8(im) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class PerImageCrop:
+    """RandomResizedCrop + flip of decoded images, with the batched transforms' parameters."""
+
+    def __init__(self, seed: int, epoch: int, size: int, scale, ratio, flip_p: float, stream: int):
+        self.seed, self.epoch, self.size = seed, epoch, size
+        self.scale, self.ratio, self.flip_p, self.stream = scale, ratio, flip_p, stream
+
+    def __call__(self, imgs, index):
+        from PIL import Image
+        from conmim.transforms import _CROP_TRIES, crop_boxes
+        u = crng.uniforms(self.seed, self.epoch, index, self.stream, 2 * _CROP_TRIES + 3)
+        out = []
+        for im, uu in zip(imgs, u):
+            top, left, h, w = crop_boxes(uu[None], im.size[1], im.size[0], self.scale, self.ratio)[0]
+            if uu[-1] < self.flip_p:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+                left = im.size[0] - left - w
+            out.append(im.resize((self.size, self.size), Image.BICUBIC,
+                                 box=(left, top, left + w, top + h)))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+def _idx_path(root: Path, name: str) -> Optional[Path]:
+    for cand in (root / f"{name}.gz", root / name, root / "FashionMNIST" / "raw" / f"{name}.gz",
+                 root / "FashionMNIST" / "raw" / name):
+        if cand.exists():
+            return cand
+    return None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist_root(dcfg) -> Path:
+    return Path(dcfg.root or os.environ.get("CONMIM_FASHION_MNIST", FASHION_MNIST_DIR))
+
+
+def missing_data_message(dcfg) -> Optional[str]:
+    """None when the configured data can be read, else what is missing and how to get it."""
+    if dcfg.name == "fashion-mnist":
+        root = fashion_mnist_root(dcfg)
+        missing = [n for pair in FASHION_MNIST_FILES.values() for n in pair if _idx_path(root, n) is None]
+        if missing and not dcfg.download:
+            return (f"data.root: Fashion-MNIST not found in {root} (missing {missing[0]}.gz). Install it with "
+                    f"'apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or set data.root to a folder "
+                    f"holding the four *-ubyte.gz files, or set data.download=true on a machine with internet.")
+        return None
+    root = Path(dcfg.root)
+    if dcfg.name == "imagefolder":
+        if not (root / "train").is_dir():
+            return f"data.root: '{root}' has no train/ folder; imagefolder expects root/train/<class>/* and root/val/<class>/*."
+        return None
+    if not root.exists():
+        return f"data.root: parquet source '{root}' does not exist; write one with 'conmim data prepare fashion-mnist OUT.parquet'."
+    return None
+
+
+def _fashion_mnist(dcfg) -> dict[str, ImageSet]:
+    root = fashion_mnist_root(dcfg)
+    if missing_data_message(dcfg):
+        if not dcfg.download:
+            raise DataMissing(missing_data_message(dcfg))
+        import torchvision  # opt-in fallback for machines with internet
+        torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+        torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+    out = {}
+    for split, (img, lab) in FASHION_MNIST_FILES.items():
+        x = torch.from_numpy(_read_idx(_idx_path(root, img)).copy()).unsqueeze(1)
+        y = _read_idx(_idx_path(root, lab)).astype(np.int64)
+        out[split] = ImageSet(y, 10, *FASHION_MNIST_STATS, pixels=x)
+    return out
+
+
+def _imagefolder(dcfg) -> dict[str, ImageSet]:
+    root = Path(dcfg.root)
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    cidx = {c: i for i, c in enumerate(classes)}
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG"}
+
+    def scan(split):
+        files, labels = [], []
+        base = root / split
+        if not base.is_dir():
+            return None
+        for c in classes:
+            for f in sorted((base / c).iterdir()) if (base / c).is_dir() else []:
+                if f.suffix in exts or f.suffix.lower() in exts:
+                    files.append(str(f))
+                    labels.append(cidx[c])
+        return ImageSet(np.asarray(labels, dtype=np.int64), len(classes), *IMAGENET_STATS, files=files)
+
+    return {"train": scan("train"), "test": scan("val") or scan("test")}
+
+
+def _parquet(dcfg) -> dict[str, ImageSet]:
+    import pyarrow.parquet as pq
+    table = pq.read_table(dcfg.root, columns=None)
+    cols = set(table.column_names)
+    if not {"image", "label"} <= cols:
+        raise DataMissing(f"data.root: parquet '{dcfg.root}' needs columns image (bytes) and label (int); it has {sorted(cols)}.")
+    images = table.column("image").to_pylist()
+    labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
+    split = np.asarray(table.column("split").to_pylist()) if "split" in cols else np.asarray(["train"] * len(labels))
+    stats = FASHION_MNIST_STATS if table.schema.metadata and b"conmim.stats" in table.schema.metadata else IMAGENET_STATS
+    n_cls = int(labels.max()) + 1
+    first = _decode(images[0])
+    out = {}
+    for s in ("train", "test"):
+        keep = np.flatnonzero(split == s)
+        if first.size[0] * first.size[1] <= 64 * 64 and len(keep):
+            # Small images: decode once into memory and batch them like a fixed-size source.
+            arr = np.stack([np.asarray(_decode(images[i]), dtype=np.uint8) for i in keep])
+            out[s] = ImageSet(labels[keep], n_cls, *stats, pixels=torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous())
+        else:
+            out[s] = ImageSet(labels[keep], n_cls, *stats, files=[images[i] for i in keep])
+    return out
+
+
+@lru_cache(maxsize=4)
+def _load(name: str, root: Optional[str], download: bool) -> dict[str, ImageSet]:
+    from types import SimpleNamespace
+    d = SimpleNamespace(name=name, root=root, download=download)
+    return {"fashion-mnist": _fashion_mnist, "imagefolder": _imagefolder, "parquet": _parquet}[name](d)
+
+
+def load_splits(dcfg) -> dict[str, ImageSet]:
+    """{'train', 'val', 'test'} image sets for a :class:`conmim.config.DataConfig`."""
+    msg = missing_data_message(dcfg)
+    if msg and not dcfg.download:
+        raise DataMissing(msg)
+    base = _load(dcfg.name, dcfg.root, dcfg.download)
+    full = base["train"]
+    perm = np.random.default_rng(SPLIT_SEED).permutation(len(full))
+    val_size = min(dcfg.val_size, len(full) // 5)
+    val, train = full.take(perm[:val_size]), full.take(perm[val_size:])
+    test = base["test"] if base.get("test") is not None and len(base["test"]) else val
+    if dcfg.subset:
+        train = train.take(np.arange(min(dcfg.subset, len(train))))
+    if dcfg.eval_subset:
+        val = val.take(np.arange(min(dcfg.eval_subset, len(val))))
+        test = test.take(np.arange(min(dcfg.eval_subset, len(test))))
+    return {"train": train, "val": val, "test": test}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded batches
+# ---------------------------------------------------------------------------------------------
+class ShardedBatches(torch.utils.data.Sampler):
+    """Per epoch: a permutation from (seed, epoch), cut into global batches of ``global_batch``;
+    worker ``rank`` gets its contiguous slice of each global batch. The global batches are the
+    same for any number of workers, so results do not depend on the worker count."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int,
+                 shuffle: bool = True, drop_last: bool = True):
+        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.epoch, self.shuffle, self.drop_last = seed, epoch, shuffle, drop_last
+
+    def global_batches(self) -> list[np.ndarray]:
+        order = (np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
+                 if self.shuffle else np.arange(self.n))
+        stop = (self.n // self.gb) * self.gb if self.drop_last else self.n
+        return [order[i: min(i + self.gb, stop)] for i in range(0, stop, self.gb)]
+
+    def __len__(self) -> int:
+        return len(self.global_batches())
+
+    def __iter__(self):
+        for g in self.global_batches():
+            per = -(-len(g) // self.world)
+            yield self.epoch, g[self.rank * per: (self.rank + 1) * per]
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Maps an (epoch, indices) item of :class:`ShardedBatches` to a ready batch via ``fn``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, item):
+        epoch, index = item
+        return self.fn(epoch, index)
+
+    def __len__(self):  # pragma: no cover - sampler drives iteration
+        raise TypeError
+
+
+def batches(fn, sampler: ShardedBatches, num_workers: int = 0):
+    return torch.utils.data.DataLoader(BatchDataset(fn), sampler=sampler, batch_size=None,
+                                       num_workers=num_workers, persistent_workers=False)
+
+
+def write_parquet(name: str, out: str, root: Optional[str] = None, limit: Optional[int] = None) -> int:
+    """``conmim data prepare``: every image of a built-in dataset as PNG bytes + label + split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from types import SimpleNamespace
+    if name != "fashion-mnist":
+        raise ValueError(f"conmim data prepare: unknown dataset '{name}'; allowed: fashion-mnist")
+    sets = _fashion_mnist(SimpleNamespace(name=name, root=root, download=False))
+    images, labels, splits = [], [], []
+    for split, s in sets.items():
+        n = len(s) if limit is None else min(limit, len(s))
+        for img, lab in zip(s.pixels[:n, 0].numpy(), s.labels[:n]):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            images.append(buf.getvalue())
+            labels.append(int(lab))
+            splits.append(split)
+    table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int64()),
+                      "split": pa.array(splits, pa.string())})
+    table = table.replace_schema_metadata({b"conmim.stats": b"fashion-mnist"})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    return len(labels)

@@ -1,0 +1,180 @@
+"""The trial on Ray Train: pre-training, then fine-tuning, each a ``TorchTrainer`` over
+``resources.num_workers`` workers (gloo on CPU, NCCL on GPU), checkpointed through
+``ray.train.report`` and restarted from the latest checkpoint when a worker dies.
+
+Runs are named deterministically from the output folder, so re-running the same command after
+a crash finds the Train run's checkpoints and continues (Ray Train V2 restores a run by name)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from conmim.config import ExperimentConfig
+
+RAY_LOG_ENV = {"RAY_TRAIN_V2_ENABLED": "1"}
+
+
+def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    """Join ``address``, or start a local Ray sized for this machine (loopback only)."""
+    import ray
+    if ray.is_initialized():
+        return
+    for k, v in RAY_LOG_ENV.items():
+        os.environ.setdefault(k, v)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A trial's function plus its Train workers need more logical CPUs than a 2-core laptop has;
+    # they time-share the cores, which is what the user asked for by running here.
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), object_store_memory=200 * 1024 ** 2,
+             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+
+
+def _threads(cfg: ExperimentConfig) -> int:
+    return cfg.resources.threads_per_worker or max(1, int(cfg.resources.cpus_per_worker))
+
+
+def _pretrain_worker(config: dict):
+    from conmim.pretrain import pretrain
+    from conmim.session import RaySession, set_threads
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    set_threads(_threads(cfg))
+    res = pretrain(cfg, RaySession(config["out"]))
+    res.pop("net")
+    return res
+
+
+def _finetune_worker(config: dict):
+    import torch
+    from conmim.data import load_splits
+    from conmim.evaluate import probes
+    from conmim.finetune import finetune
+    from conmim.model import MaskedViT
+    from conmim.pretrain import load_encoder_state
+    from conmim.session import RaySession, set_threads
+    from conmim.trial import scratch_encoder_state
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    set_threads(_threads(cfg))
+    session = RaySession(config["out"])
+    ckpt = config.get("checkpoint")
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_encoder_state(Path(d), cfg.finetune.encoder)
+    else:
+        state = scratch_encoder_state(cfg)
+    probe, t0 = {}, time.time()
+    if session.is_main:  # frozen-feature proxies: cheap, on one worker while the others wait
+        frozen = MaskedViT(cfg.model).to(session.device)
+        frozen.load_state_dict(state)
+        probe = probes(frozen, load_splits(cfg.data), cfg, session.device)
+        del frozen
+    session.barrier()
+    probe_seconds = time.time() - t0
+    torch.manual_seed(cfg.seed)
+    ft = finetune(cfg, session, state)
+    return {"probe": probe, "probe_seconds": probe_seconds, **ft}
+
+
+def run_name(out: Path, phase: str) -> str:
+    return f"{phase}-{hashlib.sha1(str(out).encode()).hexdigest()[:10]}"
+
+
+def _trainer(fn, cfg: ExperimentConfig, out: Path, phase: str, storage: Optional[str], extra: dict | None = None,
+             callbacks: list | None = None):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    r = cfg.resources
+    per_worker = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        per_worker["GPU"] = r.gpus_per_worker
+    return TorchTrainer(
+        fn,
+        train_loop_config={"experiment": cfg.to_dict(), "out": str(out), **(extra or {})},
+        scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                               resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=run_name(out, phase), storage_path=storage or str(out / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.pretrain.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
+        ),
+    )
+
+
+class TrainRunFailed(RuntimeError):
+    pass
+
+
+def _fit(trainer):
+    from ray.train import TrainingFailedError
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise TrainRunFailed(_root_cause(e)) from e
+    if result.error is not None:
+        raise TrainRunFailed(_root_cause(result.error))
+    return result
+
+
+def _root_cause(e: BaseException) -> str:
+    text = str(e)
+    for marker in ("DivergedError:", "ValueError:", "RuntimeError:"):
+        if marker in text:
+            return text[text.rindex(marker):].strip().splitlines()[0]
+    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+
+
+def pretrain_phase(cfg: ExperimentConfig, out: Path, storage: Optional[str] = None, callbacks=None):
+    result = _fit(_trainer(_pretrain_worker, cfg, out, "pretrain", storage, callbacks=callbacks))
+    return result.return_value, result.checkpoint
+
+
+def finetune_phase(cfg: ExperimentConfig, out: Path, checkpoint, storage: Optional[str] = None, callbacks=None):
+    result = _fit(_trainer(_finetune_worker, cfg, out, "finetune", storage, {"checkpoint": checkpoint},
+                           callbacks=callbacks))
+    return result.return_value
+
+
+def run_trial(cfg: ExperimentConfig, out: Path, storage: Optional[str] = None, pretrain_callbacks=None,
+              finetune_callbacks=None) -> dict:
+    """Pre-train and fine-tune on Ray Train; writes ``out/result.json`` (once, at the end)."""
+    from conmim.trial import summarize, write_result
+    from conmim.data import load_splits
+    t0 = time.time()
+    pre, ckpt = (None, None)
+    if cfg.pretrain.enabled:
+        pre, ckpt = pretrain_phase(cfg, out, storage, pretrain_callbacks)
+    t1 = time.time()
+    ft = finetune_phase(cfg, out, ckpt, storage, finetune_callbacks)
+    t2 = time.time()
+    timings = {"pretrain_seconds": t1 - t0, "probe_seconds": ft.pop("probe_seconds"),
+               "finetune_seconds": t2 - t1, "wall_seconds": t2 - t0,
+               "pretrain_compute_seconds": pre["pretrain_seconds"] if pre else 0.0,
+               "finetune_compute_seconds": ft["finetune_seconds"]}
+    result = summarize(cfg, pre, ft.pop("probe"), ft, timings, load_splits(cfg.data)["train"].num_classes)
+    write_result(out, result)
+    return result
+
+
+def run_on_ray(cfg: ExperimentConfig, out: Path, address: Optional[str] = None) -> dict:
+    ensure_ray(address)
+    return run_trial(cfg, out)
+
+
+def pretrain_on_ray(cfg: ExperimentConfig, out: Path, address: Optional[str] = None):
+    ensure_ray(address)
+    pre, ckpt = pretrain_phase(cfg, out)
+    return ckpt.path, pre["final_pretrain_loss"]
+
+
+def finetune_on_ray(cfg: ExperimentConfig, checkpoint: Path, out: Path, address: Optional[str] = None) -> dict:
+    import ray.train
+    ensure_ray(address)
+    ft = finetune_phase(cfg, out, ray.train.Checkpoint.from_directory(str(checkpoint)))
+    return {k: v for k, v in ft.items() if k not in ("finetune_history",)}

@@ -1,0 +1,86 @@
+"""Frozen-feature proxies (linear probe, k-NN) and top-1 evaluation."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conmim.transforms import EvalTransform
+
+
+@torch.no_grad()
+def extract(encoder: nn.Module, images, cfg, device, batch_size: int = 512) -> torch.Tensor:
+    """Mean-pooled patch tokens of the frozen encoder, [N, D] on the CPU."""
+    encoder.eval()
+    tf = EvalTransform(cfg.model.img_size, images.mean, images.std)
+    out = []
+    for i in range(0, len(images), batch_size):
+        idx = np.arange(i, min(i + batch_size, len(images)))
+        x = tf(images.batch(idx, cfg.model.img_size)).to(device)
+        out.append(encoder(x)[:, 1:].mean(1).float().cpu())
+    encoder.train()
+    return torch.cat(out)
+
+
+def knn_top1(train_f: torch.Tensor, train_y, test_f: torch.Tensor, test_y, k: int = 20, T: float = 0.07,
+             num_classes: int | None = None) -> float:
+    """Weighted k-NN on cosine similarity (DINO's protocol)."""
+    train_y = torch.as_tensor(train_y)
+    test_y = torch.as_tensor(test_y)
+    C = num_classes or int(train_y.max()) + 1
+    a, b = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(a))
+    correct = 0
+    for i in range(0, len(b), 1024):
+        sim = b[i: i + 1024] @ a.t()
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(top), C).scatter_add_(1, train_y[idx], (top / T).exp())
+        correct += (votes.argmax(1) == test_y[i: i + 1024]).sum().item()
+    return correct / len(b)
+
+
+def linear_probe_top1(train_f, train_y, test_f, test_y, num_classes: int, epochs: int = 30, seed: int = 0) -> float:
+    """A linear classifier on standardised frozen features (AdamW, cosine lr)."""
+    g = torch.Generator().manual_seed(seed)
+    mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
+    xtr, xte = (train_f - mu) / sd, (test_f - mu) / sd
+    ytr, yte = torch.as_tensor(train_y), torch.as_tensor(test_y)
+    head = nn.Linear(xtr.shape[1], num_classes)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    bs = 256
+    steps = epochs * max(1, -(-len(xtr) // bs))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), bs):
+            j = perm[i: i + bs]
+            loss = F.cross_entropy(head(xtr[j]), ytr[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return (head(xte).argmax(1) == yte).float().mean().item()
+
+
+def knn_top1_of(encoder, train, val, cfg, device) -> float:
+    n = min(len(train), 10000)  # a proxy: a bounded bank keeps it cheap at any scale
+    bank = train.take(np.arange(n))
+    return knn_top1(extract(encoder, bank, cfg, device), bank.labels, extract(encoder, val, cfg, device),
+                    val.labels, cfg.eval.knn_k, num_classes=train.num_classes)
+
+
+def probes(encoder, splits, cfg, device) -> dict:
+    """k-NN and linear-probe top-1 on the test split, from frozen features."""
+    out = {}
+    if not (cfg.eval.knn or cfg.eval.linear_probe):
+        return out
+    train, test = splits["train"], splits["test"]
+    ftr, fte = extract(encoder, train, cfg, device), extract(encoder, test, cfg, device)
+    if cfg.eval.knn:
+        out["knn_top1"] = knn_top1(ftr, train.labels, fte, test.labels, cfg.eval.knn_k, num_classes=train.num_classes)
+    if cfg.eval.linear_probe:
+        out["linear_probe_top1"] = linear_probe_top1(ftr, train.labels, fte, test.labels, train.num_classes,
+                                                     cfg.eval.probe_epochs, cfg.seed)
+    return out

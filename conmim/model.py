@@ -1,0 +1,155 @@
+"""Networks: a timm ViT that takes a patch mask, the per-token projector, the momentum encoder,
+and the fine-tuning classifier."""
+from __future__ import annotations
+
+import copy
+
+import timm
+import torch
+import torch.nn as nn
+
+
+class MaskedViT(nn.Module):
+    """Any timm ViT (``vit_*``/``deit_*``) or BEiT (``beit_*``) by name; masked patch embeddings
+    are replaced by one learned mask token *before* the position embedding is added.
+    Returns all tokens [B, 1 + P, D] after the final norm (CLS first)."""
+
+    def __init__(self, mcfg, drop_path: float = 0.0):
+        super().__init__()
+        kw = dict(pretrained=False, num_classes=0, img_size=mcfg.img_size, patch_size=mcfg.patch_size,
+                  drop_path_rate=drop_path)
+        for k in ("embed_dim", "depth", "num_heads"):
+            if getattr(mcfg, k) is not None:
+                kw[k] = getattr(mcfg, k)
+        self.is_beit = mcfg.name.startswith(("beit_", "beitv2_"))
+        if mcfg.layer_scale_init is not None:
+            kw["init_values"] = mcfg.layer_scale_init
+        if self.is_beit:
+            kw.update(use_shared_rel_pos_bias=mcfg.shared_rel_pos_bias, use_rel_pos_bias=False,
+                      use_abs_pos_emb=not mcfg.shared_rel_pos_bias)
+        else:
+            kw["global_pool"] = ""
+        try:
+            self.vit = timm.create_model(mcfg.name, **kw)
+        except RuntimeError as e:  # unknown model name
+            raise ValueError(f"model.name: {e}") from None
+        self.embed_dim = self.vit.embed_dim
+        self.num_patches = self.vit.patch_embed.num_patches
+        self.depth = len(self.vit.blocks)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        v = self.vit
+        x = v.patch_embed(x)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        if self.is_beit:
+            x = torch.cat((v.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+            if v.pos_embed is not None:
+                x = x + v.pos_embed
+            x = v.pos_drop(x)
+            rel = v.rel_pos_bias() if v.rel_pos_bias is not None else None
+            for blk in v.blocks:
+                x = blk(x, shared_rel_pos_bias=rel)
+        else:
+            x = v._pos_embed(x)
+            x = v.patch_drop(x)
+            x = v.norm_pre(x)
+            x = v.blocks(x)
+        return v.norm(x)
+
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay: embeddings 0, block i -> i + 1."""
+        name = name.removeprefix("vit.")
+        if name.startswith(("cls_token", "pos_embed", "patch_embed", "mask_token", "reg_token", "rel_pos_bias")) \
+                or name == "mask_token":
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.depth + 1
+
+
+class Projector(nn.Module):
+    """The reference head on every token: (Linear -> BN -> ReLU) x2 -> Linear -> BN(affine=False)."""
+
+    def __init__(self, dim: int, hidden: int = 4096, out: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False),
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, P, D = tokens.shape
+        return self.net(tokens.reshape(B * P, D)).view(B, P, -1)
+
+
+class EncoderWithProjector(nn.Module):
+    """Encoder + projector: patch features [B, P, out] (CLS dropped)."""
+
+    def __init__(self, encoder: MaskedViT, projector: Projector):
+        super().__init__()
+        self.encoder, self.projector = encoder, projector
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.projector(self.encoder(x, mask)[:, 1:])
+
+
+class MomentumEncoder(nn.Module):
+    """An exact copy of a network whose parameters follow an EMA of the original's.
+
+    ``update`` does theta_k <- m * theta_k + (1 - m) * theta_q over parameters only (buffers are
+    the copy's own: its BatchNorm layers run in training mode), as one fused ``_foreach_lerp_``."""
+
+    def __init__(self, online: nn.Module):
+        super().__init__()
+        self.net = copy.deepcopy(online)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+    @torch.no_grad()
+    def update(self, online: nn.Module, m: float) -> None:
+        k = [p for p in self.net.parameters()]
+        q = [p.detach() for p in online.parameters()]
+        torch._foreach_lerp_(k, q, 1.0 - m)
+
+
+class Classifier(nn.Module):
+    """Fine-tuning head: mean-pooled patch tokens -> LayerNorm -> Linear (as the reference)."""
+
+    def __init__(self, encoder: MaskedViT, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.fc_norm = nn.LayerNorm(encoder.embed_dim)
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_norm(self.encoder(x)[:, 1:].mean(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0, encoder: MaskedViT | None = None):
+    """AdamW groups: no decay for biases, norms and embeddings; lr scale decay^(L - layer)."""
+    groups: dict[tuple, dict] = {}
+    num_layers = encoder.depth + 1 if encoder is not None else 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim == 1 or name.endswith((".bias", "cls_token", "pos_embed", "mask_token"))
+        layer = num_layers
+        if encoder is not None and name.startswith("encoder."):
+            layer = encoder.layer_id(name.removeprefix("encoder."))
+        scale = layer_decay ** (num_layers - layer) if encoder is not None else 1.0
+        key = (no_decay, layer)
+        g = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale})
+        g["params"].append(p)
+    return list(groups.values())

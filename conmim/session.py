@@ -1,0 +1,115 @@
+"""Where a training loop runs: in this process, or as a Ray Train worker. The loops talk only to
+a Session, so the same code is the in-process path and the distributed one."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class Session:
+    rank = 0
+    world = 1
+    device = torch.device("cpu")
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        raise NotImplementedError
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        raise NotImplementedError
+
+    def log(self, line: str) -> None:
+        if self.is_main:
+            print(line, flush=True)
+
+    # collective helpers that degrade to no-ops in one process
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+class LocalSession(Session):
+    """One process; checkpoints in ``out_dir/checkpoints/<phase>/latest``."""
+
+    def __init__(self, out_dir, phase: str, device: str = "cpu"):
+        super().__init__(out_dir)
+        self.phase = phase
+        self.device = torch.device(device)
+        self.ckpt_root = self.out_dir / "checkpoints" / phase
+        self.history: list[dict] = []
+
+    def report(self, metrics, checkpoint_dir=None):
+        self.history.append(dict(metrics))
+        if checkpoint_dir is not None:
+            dst = self.ckpt_root / "latest"
+            tmp = self.ckpt_root / ".latest.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, tmp)
+            shutil.rmtree(dst, ignore_errors=True)
+            tmp.rename(dst)  # atomic swap: a crash never leaves a half-written "latest"
+
+    def latest_checkpoint(self):
+        p = self.ckpt_root / "latest"
+        return p if (p / "state.pt").exists() else None
+
+
+class RaySession(Session):
+    """Inside a Ray Train (V2) worker."""
+
+    def __init__(self, out_dir):
+        super().__init__(out_dir)
+        import ray.train
+        import ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._ckpt = ray.train.get_checkpoint()
+        self._ckpt_dir = None
+
+    def report(self, metrics, checkpoint_dir=None):
+        import ray.train
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint(self):
+        if self._ckpt is None:
+            return None
+        if self._ckpt_dir is None:
+            self._ckpt_dir = Path(tempfile.mkdtemp(prefix="conmim-restore-"))
+            self._ckpt.to_directory(str(self._ckpt_dir))
+        return self._ckpt_dir
+
+
+def in_ray_worker() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    try:
+        import ray.train
+        ray.train.get_context().get_world_rank()
+        return True
+    except Exception:
+        return False
+
+
+def set_threads(n: Optional[int]) -> None:
+    if n:
+        torch.set_num_threads(int(n))
+        os.environ["OMP_NUM_THREADS"] = str(int(n))

@@ -1,0 +1,284 @@
+"""``conmim sweep``: the ablation grid as Ray Tune trials, each a Ray Train pre-training and
+fine-tuning, every trial one MLflow child run, results in ``results.parquet``.
+
+Sweep folder (``storage/name``): ``sweep.json`` (parent run, experiment), ``trials.json`` (the
+expansion), ``tune/`` (Ray Tune state, for ``--resume``), ``trials/<name>/`` (checkpoints and
+``result.json`` or ``failed.json``), ``results.parquet``, ``report.md`` and ``report.png``."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from conmim import tracking
+from conmim.config import ConfigError, ExperimentConfig, canonical_hash
+from conmim.sweep_config import Sweep, Trial
+
+FINAL_METRICS = ("finetune_top1", "finetune_val_top1", "linear_probe_top1", "knn_top1", "final_pretrain_loss",
+                 "final_target_std")
+TIMINGS = ("pretrain_seconds", "probe_seconds", "finetune_seconds", "wall_seconds", "pretrain_compute_seconds",
+           "finetune_compute_seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight: everything that can be wrong is found before Ray starts
+# ---------------------------------------------------------------------------------------------
+def preflight(sweep: Sweep, resume: bool) -> None:
+    d = sweep.dir
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".write-test"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"storage: cannot write the sweep folder {d} ({e.strerror}); choose a writable 'storage'.") from None
+    if (d / "sweep.json").exists() and not resume:
+        raise ConfigError(f"{sweep.path}: a sweep named '{sweep.spec.name}' already exists in {d}; "
+                          f"continue it with --resume, or change 'name' or 'storage'.")
+    if resume and not (d / "sweep.json").exists():
+        raise ConfigError(f"--resume: there is no sweep '{sweep.spec.name}' in {d} to resume.")
+    try:
+        tracking.check_reachable(sweep.tracking_uri)
+    except tracking.TrackingUnavailable as e:
+        raise ConfigError(str(e)) from None
+
+
+def _state(sweep: Sweep) -> dict:
+    p = sweep.dir / "sweep.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _trial_record(t: Trial) -> dict:
+    return {"name": t.name, "variant": t.variant, "seed": t.seed, "overrides": t.overrides, "key": t.key,
+            "alias_of": t.alias_of, "note": t.note, "config": t.config.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial (runs inside a Ray Tune trial)
+# ---------------------------------------------------------------------------------------------
+def run_one_trial(params: dict, info: dict) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from conmim.distributed import TrainRunFailed, run_trial
+    from conmim.pretrain import DivergedError
+
+    sweep_dir = Path(info["sweep_dir"])
+    if "trial" in params:
+        rec = info["trials"][params["trial"]]
+        name, cfg = rec["name"], ExperimentConfig.model_validate(rec["config"])
+    else:  # an Optuna sample: overrides come from the sampled parameters
+        from conmim.config import build
+        overrides = {k: v for k, v in params.items()}
+        ctx = tune.get_context()
+        name = f"optuna_{ctx.get_trial_id()}"
+        cfg = build(info["base_config"], overrides, label="optuna sample", check_paths=False)
+        rec = {"name": name, "variant": "optuna", "seed": cfg.seed, "overrides": overrides,
+               "key": canonical_hash(cfg), "alias_of": None, "note": "sampled by Optuna", "config": cfg.to_dict()}
+        out = sweep_dir / "trials" / name
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "trial.json", rec)
+    out = sweep_dir / "trials" / name
+    out.mkdir(parents=True, exist_ok=True)
+    uri = info["tracking_uri"]
+    tags = {"conmim.variant": rec["variant"], "conmim.seed": str(rec["seed"]), "conmim.canonical_hash": rec["key"],
+            "conmim.aliases": ",".join(info.get("aliases", {}).get(name, [])) or "-",
+            "ray.trial_id": tune.get_context().get_trial_id(), **({"conmim.git_commit": info["git"]} if info.get("git") else {})}
+    run = tracking.child_run(uri, info["experiment_id"], info["parent_run_id"], name, tags)
+    run_id = run.info.run_id
+    result_file = out / "result.json"
+    if run.info.status == "FINISHED" and result_file.exists():
+        # finished before a driver crash: report it again, do not train twice
+        res = json.loads(result_file.read_text())
+        tune.report({k: res.get(k) for k in FINAL_METRICS} | {"status": "finished"})
+        return
+    tracking.log_params(uri, run_id, tracking.redact_params(cfg.flat()))
+    cfg_file = out / "config.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    tracking.retry(tracking.client(uri).log_artifact, run_id, str(cfg_file))
+    callbacks = [TuneReportCallback(), tracking.EpochLogger(uri, run_id)]
+    try:
+        res = run_trial(cfg, out, pretrain_callbacks=callbacks, finetune_callbacks=callbacks)
+    except (TrainRunFailed, DivergedError) as e:
+        reason = str(e)
+        _write_json(out / "failed.json", {"reason": reason, "time": time.time()})
+        tracking.end_run(uri, run_id, "FAILED", reason)
+        tune.report({"status": "failed"})
+        return
+    except BaseException as e:  # noqa: BLE001 - record, then let Tune see the error
+        reason = f"{type(e).__name__}: {e}"
+        _write_json(out / "failed.json", {"reason": reason, "time": time.time(), "traceback": traceback.format_exc()})
+        tracking.end_run(uri, run_id, "FAILED", reason)
+        raise
+    final = {k: res[k] for k in FINAL_METRICS} | {k: res[k] for k in TIMINGS if k in res}
+    final["collapsed"] = float(res["collapsed"])
+    final["at_chance"] = float(res["at_chance"])
+    tracking.log_metrics(uri, run_id, final, step=cfg.pretrain.epochs + cfg.finetune.epochs)
+    if res["collapsed"] or res["at_chance"]:
+        tracking.retry(tracking.client(uri).set_tag, run_id, "conmim.warning",
+                       "collapsed pre-training" if res["collapsed"] else "fine-tuned top-1 at chance")
+    tracking.end_run(uri, run_id, "FINISHED")
+    tune.report({**final, "status": "finished"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Results table
+# ---------------------------------------------------------------------------------------------
+def collect_rows(sweep_dir: Path) -> list[dict]:
+    """One row per trial (aliases included), from what the trials left on disk."""
+    trials = json.loads((sweep_dir / "trials.json").read_text())
+    for f in sorted((sweep_dir / "trials").glob("optuna_*/trial.json")) if (sweep_dir / "trials").exists() else []:
+        trials.append(json.loads(f.read_text()))
+    done: dict[str, dict] = {}
+    rows = []
+    for t in trials:
+        out = sweep_dir / "trials" / t["name"]
+        row = {"trial": t["name"], "variant": t["variant"], "seed": t["seed"], "note": t.get("note", ""),
+               "overrides": json.dumps(t["overrides"], sort_keys=True, default=str), "alias_of": t["alias_of"] or "",
+               "canonical_hash": t["key"], "status": "pending", "reason": ""}
+        for k in FINAL_METRICS + TIMINGS:
+            row[k] = float("nan")
+        row["collapsed"], row["at_chance"] = False, False
+        if t["alias_of"] is None:
+            if (out / "result.json").exists():
+                res = json.loads((out / "result.json").read_text())
+                row.update({k: res.get(k, float("nan")) for k in FINAL_METRICS + TIMINGS})
+                row.update(status="finished", collapsed=bool(res.get("collapsed")), at_chance=bool(res.get("at_chance")))
+            elif (out / "failed.json").exists():
+                row.update(status="failed", reason=json.loads((out / "failed.json").read_text())["reason"])
+            done[t["name"]] = row
+        rows.append(row)
+    for row in rows:  # an alias carries the numbers of the trial it is the same experiment as
+        if row["alias_of"]:
+            src = done.get(row["alias_of"], {})
+            for k in FINAL_METRICS + ("collapsed", "at_chance"):
+                row[k] = src.get(k, row[k])
+            row["status"] = f"alias ({src.get('status', 'pending')})"
+    return rows
+
+
+def write_results(sweep_dir: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = collect_rows(sweep_dir)
+    table = pa.Table.from_pylist(rows)
+    tmp = sweep_dir / ".results.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, sweep_dir / "results.parquet")
+    return sweep_dir / "results.parquet"
+
+
+def _results_callback(sweep_dir: Path):
+    from ray.tune import Callback
+
+    class ResultsWriter(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            write_results(sweep_dir)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            write_results(sweep_dir)
+
+    return ResultsWriter()
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------------
+def _search(sweep: Sweep):
+    from ray import tune
+    spec = sweep.spec
+    if spec.search == "grid":
+        return {"trial": tune.grid_search([t.name for t in sweep.distinct])}, None, 1
+    from ray.tune.search.optuna import OptunaSearch
+    space = {}
+    for key, d in spec.optuna.space.items():
+        space[key] = {"loguniform": lambda: tune.loguniform(d.low, d.high), "uniform": lambda: tune.uniform(d.low, d.high),
+                      "int": lambda: tune.randint(int(d.low), int(d.high) + 1), "choice": lambda: tune.choice(d.values)}[d.type]()
+    space["seed"] = spec.seeds[0]
+    algo = OptunaSearch(metric=spec.optuna.metric, mode=spec.optuna.mode, seed=spec.seeds[0])
+    return space, algo, spec.optuna.num_samples
+
+
+def _scheduler(sweep: Sweep):
+    if sweep.spec.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+    a = sweep.spec.asha
+    max_t = sweep.distinct[0].config.pretrain.epochs + sweep.distinct[0].config.finetune.epochs + 1
+    return ASHAScheduler(metric=a.metric, mode=a.mode, grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+                         max_t=max(max_t, a.grace_period + 1), time_attr="training_iteration")
+
+
+def run_sweep(sweep: Sweep, resume: bool = False, address: Optional[str] = None, report: bool = True) -> dict:
+    """Run (or resume) a sweep; returns counts by status. Bad input raises ConfigError first."""
+    preflight(sweep, resume)
+    from conmim.distributed import ensure_ray
+    d, uri = sweep.dir, sweep.tracking_uri
+    state = _state(sweep)
+    exp_id = tracking.experiment_id(uri, sweep.experiment)
+    parent_id = tracking.parent_run(uri, exp_id, sweep.spec.name, state.get("parent_run_id"))
+    state.update(name=sweep.spec.name, tracking_uri=uri, experiment=sweep.experiment, experiment_id=exp_id,
+                 parent_run_id=parent_id, sweep_file=str(sweep.path.resolve()))
+    _write_json(d / "sweep.json", state)
+    _write_json(d / "trials.json", [_trial_record(t) for t in sweep.distinct + sweep.aliases])
+    aliases: dict[str, list[str]] = {}
+    for t in sweep.aliases:
+        aliases.setdefault(t.alias_of, []).append(t.name)
+    info = {"sweep_dir": str(d), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id,
+            "trials": {t.name: _trial_record(t) for t in sweep.distinct}, "aliases": aliases,
+            "git": tracking.git_commit(), "base_config": sweep.distinct[0].config.to_dict()}
+    if sweep.spec.search == "optuna":
+        info["trials"] = {}
+    write_results(d)
+
+    ensure_ray(address)
+    from ray import tune
+    r = sweep.spec.resources
+    trainable = tune.with_resources(tune.with_parameters(run_one_trial, info=info), {"cpu": 0.5})
+    tune_dir = d / "tune"
+    status = "FINISHED"
+    try:
+        if resume and tune.Tuner.can_restore(str(tune_dir / "sweep")):
+            tuner = tune.Tuner.restore(str(tune_dir / "sweep"), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            space, algo, num_samples = _search(sweep)
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(search_alg=algo, scheduler=_scheduler(sweep), num_samples=num_samples,
+                                            max_concurrent_trials=r.max_concurrent_trials,
+                                            trial_name_creator=lambda t: f"trial_{t.trial_id}",
+                                            trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+                run_config=tune.RunConfig(name="sweep", storage_path=str(tune_dir),
+                                          failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures),
+                                          callbacks=[_results_callback(d)]),
+            )
+        grid = tuner.fit()
+        if grid.num_errors:
+            status = "FAILED" if grid.num_errors == len(grid) else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        reason = {"KILLED": "sweep interrupted (Ctrl-C)", "FAILED": "sweep failed"}.get(status, "trial stopped early by the scheduler")
+        tracking.close_open_children(uri, exp_id, parent_id, "KILLED" if status != "FAILED" else "FAILED", reason)
+        write_results(d)
+        if report and status != "KILLED":
+            try:
+                from conmim.report import make_report
+                make_report(d)
+            except Exception as e:  # noqa: BLE001 - the sweep's results are safe on disk either way
+                print(f"[report] could not write the report: {e}")
+        tracking.end_run(uri, parent_id, status)
+    rows = json.loads(json.dumps(collect_rows(d), default=str))
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts

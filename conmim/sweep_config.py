@@ -1,0 +1,260 @@
+"""The sweep file: a base experiment, variants and/or a grid, seeds, search, resources, tracking.
+
+Expansion turns it into trials; trials that are the same experiment (``canonical()``) run once,
+the others become aliases of the first."""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from conmim.config import (ConfigError, ExperimentConfig, build, canonical_hash, format_validation_error,
+                           load_source, parse_override, read_yaml, set_dotted)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseSpec(Strict):
+    config: str = Field(description="a preset name or an experiment YAML file")
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted overrides applied to every trial")
+
+
+class Variant(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    set: dict[str, Any] = Field(default_factory=dict)
+    note: str = Field("", description="what the variant tests (shown in the report)")
+
+
+class Distribution(Strict):
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    low: Optional[float] = None
+    high: Optional[float] = None
+    values: Optional[list] = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice distribution needs a non-empty 'values' list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} distribution needs low < high (got low={self.low}, high={self.high})")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("a loguniform distribution needs low > 0")
+        return self
+
+
+class OptunaSpec(Strict):
+    num_samples: int = Field(8, ge=1)
+    metric: str = "finetune_top1"
+    mode: Literal["max", "min"] = "max"
+    space: dict[str, Distribution] = Field(default_factory=dict)
+
+
+class AshaSpec(Strict):
+    metric: str = Field("knn_proxy_top1", description="a metric reported every pre-training epoch")
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2, gt=1)
+
+
+class SweepResources(Strict):
+    num_workers: Optional[int] = Field(None, ge=1, description="Ray Train workers per trial (default: the base config's)")
+    use_gpu: Optional[bool] = None
+    cpus_per_worker: Optional[float] = Field(None, gt=0)
+    gpus_per_worker: Optional[float] = Field(None, ge=0)
+    max_concurrent_trials: int = Field(1, ge=1)
+
+
+class MlflowSpec(Strict):
+    tracking_uri: Optional[str] = Field(None, description="default: sqlite file mlflow.db in the working directory")
+    experiment: Optional[str] = Field(None, description="default: the sweep name")
+
+
+class SweepConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: Union[str, BaseSpec]
+    variants: list[Variant] = Field(default_factory=list)
+    grid: dict[str, list] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    search: Literal["grid", "optuna"] = "grid"
+    optuna: Optional[OptunaSpec] = None
+    scheduler: Literal["none", "asha"] = "none"
+    asha: AshaSpec = AshaSpec()
+    resources: SweepResources = SweepResources()
+    mlflow: MlflowSpec = MlflowSpec()
+    storage: str = "./ray_results"
+    max_failures: int = Field(0, ge=0, description="Tune retries of a crashed trial")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_lists(cls, v):
+        for k, vals in v.items():
+            if not vals:
+                raise ValueError(f"grid.{k} is an empty list; give at least one value")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds has duplicates: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [v.name for v in self.variants]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"variants: duplicate variant name(s) {sorted(dup)}; names must be unique")
+        if "baseline" in names:
+            raise ValueError("variants: 'baseline' is implicit (the base config); give this variant another name")
+        if self.search == "optuna":
+            if self.optuna is None or not self.optuna.space:
+                raise ValueError("search=optuna needs an 'optuna' section with a non-empty 'space'")
+            if self.grid:
+                raise ValueError("grid cannot be combined with search=optuna (Optuna samples the space instead)")
+        if self.scheduler == "asha" and self.search != "optuna":
+            raise ValueError("scheduler=asha stops trials early: use it with search=optuna, not with an ablation grid")
+        return self
+
+    @property
+    def base_spec(self) -> BaseSpec:
+        return BaseSpec(config=self.base) if isinstance(self.base, str) else self.base
+
+
+@dataclass
+class Trial:
+    name: str                  # variant (+ grid values) + seed: the MLflow run name
+    variant: str
+    seed: int
+    overrides: dict[str, Any]  # relative to the base (without seed)
+    config: ExperimentConfig
+    key: str                   # canonical hash: equal keys = same experiment
+    alias_of: Optional[str] = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sweep:
+    spec: SweepConfig
+    path: Path
+    base_raw: dict
+    trials: list[Trial]
+
+    @property
+    def distinct(self) -> list[Trial]:
+        return [t for t in self.trials if t.alias_of is None]
+
+    @property
+    def aliases(self) -> list[Trial]:
+        return [t for t in self.trials if t.alias_of is not None]
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.spec.storage).resolve() / self.spec.name
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.spec.mlflow.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+    @property
+    def experiment(self) -> str:
+        return self.spec.mlflow.experiment or self.spec.name
+
+    def trial_config(self, overrides: dict[str, Any], seed: int) -> ExperimentConfig:
+        return _trial_config(self.base_raw, self.spec, overrides, seed, f"{self.path}")
+
+
+def _resource_overrides(spec: SweepConfig) -> dict[str, Any]:
+    r = spec.resources
+    return {f"resources.{k}": getattr(r, k) for k in ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker")
+            if getattr(r, k) is not None}
+
+
+def _trial_config(base_raw, spec: SweepConfig, overrides: dict, seed: int, label: str) -> ExperimentConfig:
+    merged = {**spec.base_spec.set, **_resource_overrides(spec), **overrides, "seed": seed}
+    return build(base_raw, merged, label=label)
+
+
+def _value_name(v: Any) -> str:
+    s = str(v).lower() if isinstance(v, bool) else str(v)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "", s)
+
+
+def _apply_sets(sweep_path: str, sets: list[str]) -> dict:
+    """``--set`` on a sweep: keys of the sweep file (name, seeds, storage, base, ...)."""
+    raw = read_yaml(sweep_path)
+    for item in sets:
+        key, value = parse_override(item)
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {} if p not in node or node[p] is None else node[p]
+                if not isinstance(node[p], dict):
+                    raise ConfigError(f"--set {item}: '{p}' is not a section of the sweep file")
+            node = node[p]
+        node[parts[-1]] = value
+    return raw
+
+
+def load_sweep(path: str, sets: list[str] | None = None) -> Sweep:
+    """Parse, validate and expand a sweep file; every problem is a ConfigError (exit 2)."""
+    raw = _apply_sets(path, sets or [])
+    try:
+        spec = SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, f"{path} (sweep)").replace("experiment", "sweep")) from None
+    base_src = spec.base_spec.config
+    if not Path(base_src).is_absolute() and (Path(path).parent / base_src).exists():
+        base_src = str(Path(path).parent / base_src)
+    base_raw, base_label = load_source(base_src)
+    # every override key must exist in the experiment schema, named with its variant
+    for key in spec.base_spec.set:
+        set_dotted({}, key, None, label=f"{path}: base.set")
+    for v in spec.variants:
+        for key in v.set:
+            set_dotted({}, key, None, label=f"{path}: variant '{v.name}'")
+    for key in spec.grid:
+        set_dotted({}, key, None, label=f"{path}: grid")
+    if spec.search == "optuna":
+        for key in spec.optuna.space:
+            set_dotted({}, key, None, label=f"{path}: optuna.space")
+    sweep = Sweep(spec, Path(path), base_raw, [])
+    grid_keys = list(spec.grid)
+    combos = list(itertools.product(*(spec.grid[k] for k in grid_keys))) or [()]
+    variants = [Variant(name="baseline", note="the base configuration")] + spec.variants
+    seen: dict[str, str] = {}
+    for v in variants:
+        for combo in combos:
+            gvals = dict(zip(grid_keys, combo))
+            label = v.name + "".join(f"_{k.split('.')[-1]}={_value_name(x)}" for k, x in gvals.items())
+            for seed in spec.seeds:
+                overrides = {**v.set, **gvals}
+                cfg = _trial_config(base_raw, spec, overrides, seed, f"{path}: variant '{v.name}'")
+                key = canonical_hash(cfg)
+                name = f"{label}_seed{seed}"
+                sweep.trials.append(Trial(name, label, seed, overrides, cfg, key, seen.get(key), v.note))
+                seen.setdefault(key, name)
+    if spec.search == "optuna":
+        # the sampled trials are created by Optuna at run time; the expansion holds the base only
+        sweep.trials = [t for t in sweep.trials if t.variant == "baseline"][:1]
+    return sweep
+
+
+def trial_table(sweep: Sweep) -> str:
+    rows = [("trial", "variant", "seed", "overrides", "alias_of")]
+    for t in sweep.trials:
+        ov = ", ".join(f"{k}={v}" for k, v in t.overrides.items()) or "-"
+        rows.append((t.name, t.variant, str(t.seed), ov, t.alias_of or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

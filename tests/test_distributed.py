@@ -1,0 +1,62 @@
+"""Ray Train: several workers give one process's answer, and a dead worker costs nothing."""
+import json
+import subprocess
+
+import pytest
+import torch
+
+from conmim import schedules
+from conmim.distributed import pretrain_phase
+from conftest import CONMIM, SMALL
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_workers_match_one_worker_with_sync_bn(ray_session, small, tmp_path):
+    B = 32
+    common = dict(data__subset=20 * B, pretrain__batch_size=B, pretrain__lr_batch_size=B, pretrain__sync_bn=True,
+                  debug__log_steps=True, debug__dump_replicas=True, objective__dictionary="image",
+                  pretrain__warmup_epochs=0.2)
+    one, _ = pretrain_phase(small(resources__num_workers=1, **common), tmp_path / "w1")
+    two, _ = pretrain_phase(small(resources__num_workers=2, **common), tmp_path / "w2")
+    assert len(one["step_losses"]) == len(two["step_losses"]) == 20
+    for a, b in zip(one["step_losses"], two["step_losses"]):
+        assert abs(a - b) < 1e-4, (a, b)
+    assert one["step_losses"][-1] < one["step_losses"][0]  # it learned something
+    r0 = torch.load(tmp_path / "w2" / "replicas" / "rank0.pt")
+    r1 = torch.load(tmp_path / "w2" / "replicas" / "rank1.pt")
+    assert r0.keys() == r1.keys() and any(k.startswith("momentum.") for k in r0)
+    for k in r0:  # online *and* momentum encoders identical on both workers
+        assert torch.equal(r0[k], r1[k]), k
+    single = torch.load(tmp_path / "w1" / "replicas" / "rank0.pt")
+    for k in single:
+        if k.endswith("num_batches_tracked") or "running_" in k:
+            continue
+        assert torch.allclose(single[k], r0[k], atol=1e-4), k
+
+
+def test_worker_death_resumes_from_checkpoint_with_schedules_intact(ray_session, small, tmp_path):
+    cfg = small(pretrain__epochs=3, data__subset=256, pretrain__batch_size=64, pretrain__checkpoint_every=1,
+                debug__crash_at_step=6)  # 4 steps per epoch: dies mid-epoch 2, after checkpoint 1
+    res, ckpt = pretrain_phase(cfg, tmp_path)
+    assert (tmp_path / ".crash_injected").exists()
+    h = res["history"]
+    assert [e["epoch"] for e in h] == [1, 2, 3] and [e["step"] for e in h] == [4, 8, 12]
+    lr = schedules.cosine(schedules.scaled_lr(cfg.pretrain.lr, 64, cfg.pretrain.lr_batch_size),
+                          cfg.pretrain.min_lr, 12, int(cfg.pretrain.warmup_epochs * 4))
+    m = schedules.momentum(cfg.objective.momentum, 12)
+    for e in h:
+        assert e["lr"] == pytest.approx(lr[e["step"] - 1]) and e["momentum"] == pytest.approx(m[e["step"] - 1])
+    state = torch.load(f"{ckpt.path}/state.pt", weights_only=False)
+    assert state["step"] == 12 and state["epoch"] == 3
+
+
+def test_cli_train_on_ray_writes_result_once(tmp_path):
+    sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
+    p = subprocess.run([CONMIM, "train", "tiny", *sets, "--set", "resources.num_workers=2", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["finetune_top1"] > 0.1 and r["config"]["resources"]["num_workers"] == 2
+    assert [e["epoch"] for e in r["pretrain_history"]] == [1]
+    assert list(tmp_path.glob("*.json")) == [tmp_path / "result.json"]

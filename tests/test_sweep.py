@@ -1,0 +1,193 @@
+"""Sweeps end to end: real Ray Tune + Ray Train, real MLflow, real Fashion-MNIST images."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conmim.cli import main
+from conmim.sweep_config import load_sweep
+from conftest import CONMIM, REPO, SMALL
+
+SWEEP_FILES = sorted((REPO / "sweeps").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=[str(p.relative_to(REPO)) for p in SWEEP_FILES])
+def test_every_shipped_sweep_passes_dry_run(path):
+    res = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "distinct" in res.output
+
+
+def test_ablations_expand_to_expected_trials_and_aliases():
+    sw = load_sweep(str(REPO / "sweeps" / "ablations.yaml"))
+    assert len(sw.trials) == 14 * 3 and len(sw.distinct) == 13 * 3 and len(sw.aliases) == 3
+    assert {t.variant for t in sw.aliases} == {"momentum_no_stop_grad"}
+    assert all(t.alias_of.startswith("baseline_seed") for t in sw.aliases)
+    res = CliRunner().invoke(main, ["sweep", str(REPO / "sweeps" / "ablations.yaml"), "--dry-run"])
+    assert "42 trials: 39 distinct, 3 aliases" in res.output and "baseline_seed0" in res.output
+
+
+def sweep_file(tmp_path, name, variants, seeds=(0,), **extra):
+    spec = {"name": name, "base": {"config": "tiny", "set": dict(SMALL)}, "seeds": list(seeds),
+            "variants": variants, "storage": str(tmp_path / "ray_results"),
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, **extra}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def mlflow_runs(uri, experiment):
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c, c.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.mark.slow
+def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
+    from conmim.sweep import run_sweep
+    path = sweep_file(tmp_path, "e2e", [
+        {"name": "shared_no_stop_grad", "set": {"objective.target_encoder": "shared", "objective.stop_grad": False}},
+        {"name": "momentum_no_stop_grad", "set": {"objective.stop_grad": False}},  # alias of baseline
+        {"name": "batch_dictionary", "set": {"objective.dictionary": "batch"}},
+        {"name": "scratch", "set": {"pretrain.enabled": False}},
+        {"name": "diverges", "set": {"debug.nan_at_step": 1}},
+    ])
+    sw = load_sweep(str(path))
+    assert len(sw.distinct) == 5 and len(sw.aliases) == 1
+    counts = run_sweep(sw)
+    assert counts == {"finished": 4, "failed": 1, "alias (finished)": 1}, counts
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c, runs = mlflow_runs(uri, "e2e")
+    parents = [r for r in runs if r.data.tags.get("conmim.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("conmim.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == sorted(t.name for t in sw.distinct)
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert r.data.params["objective.temperature"] == "0.1"
+        if r.info.run_name == "diverges_seed0":
+            assert r.info.status == "FAILED" and "nan" in r.data.tags["conmim.failure_reason"].lower()
+            continue
+        assert r.info.status == "FINISHED" and 0 < r.data.metrics["finetune_top1"] <= 1
+        assert "config.yaml" in [a.path for a in c.list_artifacts(r.info.run_id)]
+        if r.info.run_name != "scratch_seed0":
+            hist = c.get_metric_history(r.info.run_id, "pretrain_loss")
+            assert len(hist) == 1 and hist[0].step == 1  # per-epoch curve logged live
+    base = next(r for r in children if r.info.run_name == "baseline_seed0")
+    assert base.data.tags["conmim.aliases"] == "momentum_no_stop_grad_seed0"
+    table = pq.read_table(sw.dir / "results.parquet").to_pylist()
+    assert len(table) == 6
+    by_name = {row["trial"]: row for row in table}
+    for r in children:
+        if r.info.status == "FINISHED":
+            assert by_name[r.info.run_name]["finetune_top1"] == pytest.approx(r.data.metrics["finetune_top1"])
+    assert by_name["momentum_no_stop_grad_seed0"]["alias_of"] == "baseline_seed0"
+    assert "nan" in by_name["diverges_seed0"]["reason"].lower()
+    # the report: printed table, PNG, numbers from the runs, logged on the parent run
+    res = CliRunner().invoke(main, ["report", str(sw.dir)])
+    assert res.exit_code == 0, res.output
+    assert (sw.dir / "report.png").stat().st_size > 1000
+    line = next(l for l in res.output.splitlines() if l.startswith("| scratch |"))
+    assert f"{100 * by_name['scratch_seed0']['finetune_top1']:.2f}" in line
+    assert "same experiment as baseline" in res.output and "1 failed" in res.output
+    assert {"report.md", "report.png"} <= {a.path for a in c.list_artifacts(parents[0].info.run_id)}
+    # ...and the same report straight from MLflow
+    res2 = CliRunner().invoke(main, ["report", "e2e", "--tracking-uri", uri, "--out", str(tmp_path / "rep")])
+    assert res2.exit_code == 0 and line in res2.output
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_duplicates(tmp_path):
+    path = sweep_file(tmp_path, "resume", [{"name": "t02", "set": {"objective.temperature": 0.2}},
+                                           {"name": "t005", "set": {"objective.temperature": 0.05}}])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "driver.log", "w")
+    p = subprocess.Popen([CONMIM, "sweep", str(path)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                         start_new_session=True)
+    sweep_dir = tmp_path / "ray_results" / "resume"
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(sweep_dir.glob("trials/*/result.json")):
+        time.sleep(1)
+    assert list(sweep_dir.glob("trials/*/result.json")), (tmp_path / "driver.log").read_text()[-3000:]
+    time.sleep(3)  # let the second trial start
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    first_done = {q.parent.name: q.stat().st_mtime for q in sweep_dir.glob("trials/*/result.json")}
+    r = subprocess.run([CONMIM, "sweep", str(path), "--resume"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume")
+    children = [x for x in runs if x.data.tags.get("conmim.role") == "trial"]
+    assert sorted(x.info.run_name for x in children) == ["baseline_seed0", "t005_seed0", "t02_seed0"]
+    assert all(x.info.status == "FINISHED" for x in runs), [(x.info.run_name, x.info.status) for x in runs]
+    for name, mtime in first_done.items():  # finished trials were not trained again
+        assert (sweep_dir / "trials" / name / "result.json").stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+def test_optuna_sweep_against_mlflow_server(tmp_path):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        import urllib.request
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=1)
+                break
+            except Exception:
+                time.sleep(0.5)
+        path = sweep_file(tmp_path, "optuna", [], search="optuna",
+                          optuna={"num_samples": 3, "metric": "finetune_top1", "mode": "max",
+                                  "space": {"objective.temperature": {"type": "loguniform", "low": 0.03, "high": 0.5},
+                                            "objective.momentum": {"type": "uniform", "low": 0.9, "high": 0.999}}},
+                          mlflow={"tracking_uri": uri})
+        r = subprocess.run([CONMIM, "sweep", str(path)], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        _, runs = mlflow_runs(uri, "optuna")
+        children = [x for x in runs if x.data.tags.get("conmim.role") == "trial"]
+        assert len(children) == 3 and all(x.info.status == "FINISHED" for x in children)
+        temps = {x.data.params["objective.temperature"] for x in children}
+        assert len(temps) == 3 and all(0.03 <= float(t) <= 0.5 for t in temps)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_unreachable_mlflow_is_exit_2_before_ray(tmp_path):
+    path = sweep_file(tmp_path, "nomlflow", [], mlflow={"tracking_uri": "http://127.0.0.1:9"})
+    r = subprocess.run([CONMIM, "sweep", str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "mlflow.tracking_uri" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "ray_results" / "nomlflow" / "sweep.json").exists()
+
+
+@pytest.mark.parametrize("text,key", [
+    ("name: x\nbase: tiny\nvariants:\n  - name: a\n    set: {objective.tau: 1}\n", "objective.tau"),
+    ("name: x\nbase: tiny\ngrid:\n  objective.temperature: []\n", "grid"),
+    ("name: x\nbase: tiny\nvariants:\n  - {name: a}\n  - {name: a}\n", "duplicate"),
+    ("name: x\nbase: tiny\nseeds: [a, b]\n", "seeds"),
+    ("name: x\nbase: nosuchpreset\n", "nosuchpreset"),
+    ("name: x\nbase: tiny\nsearch: random\n", "search"),
+    ("name: x\nbase: tiny\nscheduler: asha\n", "asha"),
+    ("name: x\nbase: tiny\nbogus: 1\n", "bogus"),
+])
+def test_bad_sweep_file_exits_2(tmp_path, text, key):
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    res = CliRunner().invoke(main, ["sweep", str(p), "--dry-run"])
+    assert res.exit_code == 2 and key in res.output, res.output

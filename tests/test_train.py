@@ -1,0 +1,56 @@
+"""In-process trials on a few hundred real images."""
+import json
+import subprocess
+
+import pytest
+
+from conmim.trial import run_in_process
+from conftest import CONMIM, SMALL
+
+KEYS = ("finetune_top1", "linear_probe_top1", "knn_top1", "final_pretrain_loss", "final_target_std")
+
+
+def test_same_seed_same_result_numbers(small, tmp_path):
+    cfg = small()
+    a = run_in_process(cfg, tmp_path / "a")
+    b = run_in_process(cfg, tmp_path / "b")
+    for k in KEYS:
+        assert a[k] == b[k], k
+    c = run_in_process(small(seed=1), tmp_path / "c")
+    assert c["final_pretrain_loss"] != a["final_pretrain_loss"]
+    assert 0.0 < a["finetune_top1"] <= 1.0 and a["final_pretrain_loss"] > 0
+    on_disk = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert on_disk["finetune_top1"] == a["finetune_top1"] and on_disk["config"]["seed"] == 0
+
+
+@pytest.mark.parametrize("variant", [
+    {"objective.target_encoder": "shared", "objective.stop_grad": "false", "objective.dictionary": "batch"},
+    {"masking": "false", "objective.perturbation": "symmetric_strong"},
+    {"masking.type": "random_cells", "masking.cell_size": 2, "objective.perturbation": "switched"},
+])
+def test_ablation_variants_train(small, tmp_path, variant):
+    cfg = small(**{k.replace(".", "__"): v for k, v in variant.items()})
+    r = run_in_process(cfg, tmp_path)
+    assert r["final_pretrain_loss"] > 0 and r["finetune_top1"] > 0
+
+
+def test_cli_train_process_backend_and_scratch(tmp_path):
+    sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
+    p = subprocess.run([CONMIM, "train", "tiny", *sets, "--set", "pretrain.enabled=false", "--backend", "process",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["pretrain_history"] == [] and r["finetune_top1"] > 0.1
+    assert '"finetune_top1"' in p.stdout
+
+
+def test_pretrain_then_finetune_from_checkpoint(tmp_path):
+    sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
+    p = subprocess.run([CONMIM, "pretrain", "tiny", *sets, "--backend", "process", "--out", str(tmp_path / "pre")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ckpt = json.loads(p.stdout)["checkpoint"]
+    p = subprocess.run([CONMIM, "finetune", "tiny", *sets, "--checkpoint", ckpt, "--backend", "process",
+                        "--out", str(tmp_path / "ft")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["finetune_top1"] > 0.1
