@@ -33,6 +33,11 @@ class MaskedViT(nn.Module):
             self.vit = timm.create_model(mcfg.name, **kw)
         except RuntimeError as e:  # unknown model name
             raise ValueError(f"model.name: {e}") from None
+        # parts of the timm model this forward never uses (pooling head): drop them, so that DDP
+        # sees no parameter without a gradient
+        for name in ("fc_norm", "head", "head_drop", "attn_pool"):
+            if isinstance(getattr(self.vit, name, None), nn.Module):
+                setattr(self.vit, name, nn.Identity())
         self.embed_dim = self.vit.embed_dim
         self.num_patches = self.vit.patch_embed.num_patches
         self.depth = len(self.vit.blocks)
@@ -70,15 +75,45 @@ class MaskedViT(nn.Module):
         return self.depth + 1
 
 
-class Projector(nn.Module):
-    """The reference head on every token: (Linear -> BN -> ReLU) x2 -> Linear -> BN(affine=False)."""
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm whose batch statistics cover every worker's batch (torch's SyncBatchNorm is
+    CUDA-only under DDP). Statistics are sums in float64 all-reduced with a differentiable
+    all-reduce, so one worker with batch B and N workers with B/N compute the same thing."""
 
-    def __init__(self, dim: int, hidden: int = 4096, out: int = 256):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        import torch.distributed as dist
+        C = x.shape[1]
+        xd = x.double()
+        stats = torch.cat([xd.sum(0), (xd * xd).sum(0), xd.new_tensor([float(x.shape[0])])])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_reduce
+            stats = all_reduce(stats)
+        n = stats[-1]
+        mean = stats[:C] / n
+        var = (stats[C: 2 * C] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            if self.track_running_stats:
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), m)
+        y = ((xd - mean) / torch.sqrt(var + self.eps)).to(x.dtype)
+        return y * self.weight + self.bias if self.affine else y
+
+
+class Projector(nn.Module):
+    """The reference head on every token: (Linear -> BN -> ReLU) x2 -> Linear -> BN(affine=False).
+    ``sync_bn``: batch statistics over all workers (:class:`GlobalBatchNorm1d`)."""
+
+    def __init__(self, dim: int, hidden: int = 4096, out: int = 256, sync_bn: bool = False):
         super().__init__()
+        bn = GlobalBatchNorm1d if sync_bn else nn.BatchNorm1d
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False),
+            nn.Linear(dim, hidden, bias=False), bn(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden, bias=False), bn(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, out, bias=False), bn(out, affine=False),
         )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -125,6 +160,7 @@ class Classifier(nn.Module):
     def __init__(self, encoder: MaskedViT, num_classes: int):
         super().__init__()
         self.encoder = encoder
+        encoder.mask_token.requires_grad_(False)  # nothing is masked when classifying
         self.fc_norm = nn.LayerNorm(encoder.embed_dim)
         self.head = nn.Linear(encoder.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)

@@ -19,8 +19,9 @@ def denoising_contrast_loss(online: torch.Tensor, target: torch.Tensor, mask: to
     reduction: ``"mean"`` over masked patches, or ``"sum"`` (for averaging across workers).
     """
     B, P, _ = online.shape
-    q = F.normalize(online.float(), dim=-1)
-    k = F.normalize(target.float(), dim=-1)
+    dtype = torch.promote_types(online.dtype, torch.float32)  # fp32 at least, even under bf16 autocast
+    q = F.normalize(online.to(dtype), dim=-1)
+    k = F.normalize(target.to(dtype), dim=-1)
     b_idx, p_idx = mask.nonzero(as_tuple=True)
     if dictionary == "image":
         # P x P logits per image are cheap; gathering keys per masked patch would not be.

@@ -37,7 +37,8 @@ class ConMIM(nn.Module):
         super().__init__()
         o = cfg.objective
         encoder = MaskedViT(cfg.model, drop_path=0.0)
-        projector = Projector(encoder.embed_dim, cfg.model.projector_hidden, cfg.model.projector_out)
+        projector = Projector(encoder.embed_dim, cfg.model.projector_hidden, cfg.model.projector_out,
+                              sync_bn=cfg.pretrain.sync_bn)
         self.online = EncoderWithProjector(encoder, projector)
         self.momentum = MomentumEncoder(self.online) if o.target_encoder == "momentum" else None
         self.temperature, self.dictionary, self.stop_grad = o.temperature, o.dictionary, o.stop_grad
@@ -136,13 +137,12 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     splits = load_splits(cfg.data)
     train = splits["train"]
     net = ConMIM(cfg)
-    if cfg.pretrain.sync_bn and session.world > 1:
-        net.online.projector = nn.SyncBatchNorm.convert_sync_batchnorm(net.online.projector)
-        if net.momentum is not None:
-            net.momentum.net.projector = nn.SyncBatchNorm.convert_sync_batchnorm(net.momentum.net.projector)
     net.to(session.device)
     model = net
-    if session.world > 1:
+    # Global BatchNorm all-reduces inside autograd; DDP's asynchronous bucket all-reduces would
+    # interleave with those collectives, so with sync_bn the gradients are averaged after backward.
+    manual_sync = session.world > 1 and cfg.pretrain.sync_bn
+    if session.world > 1 and not manual_sync:
         ids = [session.device.index] if session.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     if cfg.pretrain.compile:
@@ -204,6 +204,8 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
                 loss = loss * float("nan")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if manual_sync:
+                session.average_gradients(net.online.parameters())
             gn = nn.utils.clip_grad_norm_(net.online.parameters(), p.clip_grad or float("inf"))
             step_loss = stats[0].item() / count
             if not math.isfinite(loss.item()) or not math.isfinite(step_loss):

@@ -41,6 +41,19 @@ class Session:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def average_gradients(self, params) -> None:
+        """One flat all-reduce of every gradient, divided by the number of workers."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.world == 1 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -110,6 +123,13 @@ def in_ray_worker() -> bool:
 
 
 def set_threads(n: Optional[int]) -> None:
+    """Threads of a Ray Train worker; also undo the low priority (nice 15) Ray gives its workers,
+    which on a small machine lets every background Ray process preempt the training."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not allowed to raise priority (non-root): train at Ray's priority
     if n:
         torch.set_num_threads(int(n))
         os.environ["OMP_NUM_THREADS"] = str(int(n))

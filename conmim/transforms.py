@@ -110,9 +110,11 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...ijk,...xijk->...xjk", mask.to(x.dtype), a4)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    # The kernel size comes from the configured sigma range, never from the batch: an image's
+    # blur must not depend on which other images share its batch.
     B, C, H, W = x.shape
-    radius = int(min(math.ceil(3 * float(sigma.max())), (min(H, W) - 1) // 2))
+    radius = int(min(math.ceil(3 * max_sigma), (min(H, W) - 1) // 2))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B*C, K]
@@ -166,7 +168,7 @@ class StrongPerturbation:
         if blur.any():
             idx = blur.nonzero().squeeze(1)
             lo, hi = self.blur_sigma
-            x = x.index_copy(0, idx, _gaussian_blur(x[idx], lo + (hi - lo) * t[idx, 7]))
+            x = x.index_copy(0, idx, _gaussian_blur(x[idx], lo + (hi - lo) * t[idx, 7], hi))
         sol = t[:, 8] < self.solarize_p
         if sol.any():
             x = torch.where(sol.view(-1, 1, 1, 1) & (x >= 0.5), 1 - x, x)

@@ -76,3 +76,16 @@ def test_gradient_reaches_key_branch_only_without_stop_grad_on_shared_encoder(sm
     assert got == expect_grad
     if net.momentum is not None:
         assert all(p.grad is None for p in net.momentum.parameters())
+
+
+def test_global_batchnorm_matches_batchnorm_in_one_process():
+    from conmim.model import GlobalBatchNorm1d
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, requires_grad=True)
+    a, b = torch.nn.BatchNorm1d(8), GlobalBatchNorm1d(8)
+    ya, yb = a(x), b(x)
+    assert torch.allclose(ya, yb, atol=1e-5)
+    assert torch.allclose(a.running_var, b.running_var, atol=1e-6) and torch.allclose(a.running_mean, b.running_mean)
+    ga, = torch.autograd.grad(ya.pow(3).sum(), x)
+    gb, = torch.autograd.grad(yb.pow(3).sum(), x)
+    assert torch.allclose(ga, gb, atol=1e-4)

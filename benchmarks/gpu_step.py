@@ -1,0 +1,117 @@
+"""ConMIM pre-training step of ViT-B/16 at 224², bf16, batch 64, on one NVIDIA GPU.
+
+Self-contained on purpose (torch + timm only, no Ray, no conmim install) so it runs on a bare
+GPU box:  python benchmarks/gpu_step.py [--batch 64] [--steps 30] [--compile]
+
+Prints images/s and MFU: model FLOPs per step (counted by torch's FlopCounterMode) / step time,
+over the FLOP/s of a large bf16 matmul measured in the same run.
+"""
+import argparse
+import copy
+import time
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.vit = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, init_values=0.1,
+                                     use_shared_rel_pos_bias=True, use_abs_pos_emb=False, use_rel_pos_bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 768))
+        self.proj = nn.Sequential(nn.Linear(768, 4096, bias=False), nn.BatchNorm1d(4096), nn.ReLU(True),
+                                  nn.Linear(4096, 4096, bias=False), nn.BatchNorm1d(4096), nn.ReLU(True),
+                                  nn.Linear(4096, 256, bias=False), nn.BatchNorm1d(256, affine=False))
+
+    def forward(self, x, mask=None):
+        v = self.vit
+        x = v.patch_embed(x)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat((v.cls_token.expand(x.shape[0], -1, -1), x), 1)
+        rel = v.rel_pos_bias()
+        for blk in v.blocks:
+            x = blk(x, shared_rel_pos_bias=rel)
+        x = v.norm(x)[:, 1:]
+        B, P, D = x.shape
+        return self.proj(x.reshape(B * P, D)).view(B, P, -1)
+
+
+def loss_fn(q, k, mask, tau=0.1):
+    q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+    b, p = mask.nonzero(as_tuple=True)
+    return F.cross_entropy(torch.bmm(q, k.transpose(1, 2))[b, p] / tau, p)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--compile", action="store_true")
+    a = ap.parse_args()
+    assert torch.cuda.is_available(), "needs an NVIDIA GPU"
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    online = Net().to(dev)
+    ema = copy.deepcopy(online).requires_grad_(False)
+    opt = torch.optim.AdamW(online.parameters(), lr=5e-4, betas=(0.9, 0.98), weight_decay=0.05, fused=True)
+    B = a.batch
+    xo, xt = torch.randn(B, 3, 224, 224, device=dev), torch.randn(B, 3, 224, 224, device=dev)
+    mask = torch.zeros(B, 196, dtype=torch.bool, device=dev)
+    mask[:, torch.randperm(196)[:75]] = True
+    fwd = torch.compile(online) if a.compile else online
+    ema_f = torch.compile(ema) if a.compile else ema
+    qp, kp = list(online.parameters()), list(ema.parameters())
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            q = fwd(xo, mask)
+            with torch.no_grad():
+                k = ema_f(xt)
+        loss = loss_fn(q, k, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(kp, qp, 1 - 0.996)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / a.steps
+
+    n = 8192
+    x, y = torch.randn(n, n, device=dev, dtype=torch.bfloat16), torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ y
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        x @ y
+    torch.cuda.synchronize()
+    peak = 2 * n ** 3 * 20 / (time.perf_counter() - t)
+    print(f"device            {torch.cuda.get_device_name()}")
+    print(f"batch             {B} (bf16 autocast{', compiled' if a.compile else ''})")
+    print(f"step time         {dt * 1e3:.1f} ms")
+    print(f"images/s          {B / dt:.1f}")
+    print(f"model FLOPs/step  {flops / 1e12:.3f} TFLOP")
+    print(f"achieved          {flops / dt / 1e12:.1f} TFLOP/s")
+    print(f"bf16 matmul peak  {peak / 1e12:.1f} TFLOP/s (8192^3, measured)")
+    print(f"MFU               {flops / dt / peak:.3f}")
+    print(f"peak GPU memory   {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
