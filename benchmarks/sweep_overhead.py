@@ -3,7 +3,7 @@
     python benchmarks/sweep_overhead.py [--preset demo] [--trials 4] [--set key=value ...]
 
 Runs a real sweep (local Ray, MLflow in a temporary SQLite file) of N trials and prints:
-* overhead share: 1 - (sum of the trials' pre-training + fine-tuning compute seconds) / sweep wall,
+* overhead share: 1 - (sum of the trials' pre-training, probe and fine-tuning seconds) / sweep wall,
   i.e. Ray start, trial and worker-group start, MLflow logging, checkpoints, probes;
 * packing: sum over trials of compute seconds x threads used / (sweep wall x cores).
 """
@@ -36,7 +36,7 @@ def main():
     run_sweep(sweep, report=False)
     wall = time.time() - t
     rows = [r for r in collect_rows(sweep.dir) if r["status"] == "finished"]
-    compute = sum(r["pretrain_compute_seconds"] + r["finetune_compute_seconds"] for r in rows)
+    compute = sum(r["pretrain_seconds"] + r["probe_seconds"] + r["finetune_seconds"] for r in rows)
     threads = sweep.distinct[0].config.resources.num_workers * max(1, int(sweep.distinct[0].config.resources.cpus_per_worker))
     cores = os.cpu_count()
     print(f"trials {len(rows)}, sweep wall {wall:.1f} s, trial compute {compute:.1f} s")

@@ -42,42 +42,45 @@ def _threads(cfg: ExperimentConfig) -> int:
 def _pretrain_worker(config: dict):
     from conmim.pretrain import pretrain
     from conmim.session import RaySession, set_threads
+    from conmim.pretrain import DivergedError
     cfg = ExperimentConfig.model_validate(config["experiment"])
     set_threads(_threads(cfg))
-    res = pretrain(cfg, RaySession(config["out"]))
+    try:
+        res = pretrain(cfg, RaySession(config["out"]))
+    except DivergedError as e:  # deterministic: returned, not raised, so Ray does not retry it
+        return {"diverged": str(e)}
     res.pop("net")
     return res
 
 
-def _finetune_worker(config: dict):
-    import torch
-    from conmim.data import load_splits
-    from conmim.evaluate import probes
-    from conmim.finetune import finetune
-    from conmim.model import MaskedViT
-    from conmim.pretrain import load_encoder_state
+def _trial_worker(config: dict):
+    """The whole trial in one Train run: one worker-group start instead of two."""
+    from conmim.pretrain import DivergedError
     from conmim.session import RaySession, set_threads
-    from conmim.trial import scratch_encoder_state
+    from conmim.trial import trial_phases
     cfg = ExperimentConfig.model_validate(config["experiment"])
     set_threads(_threads(cfg))
     session = RaySession(config["out"])
-    ckpt = config.get("checkpoint")
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_encoder_state(Path(d), cfg.finetune.encoder)
-    else:
-        state = scratch_encoder_state(cfg)
-    probe, t0 = {}, time.time()
-    if session.is_main:  # frozen-feature proxies: cheap, on one worker while the others wait
-        frozen = MaskedViT(cfg.model).to(session.device)
-        frozen.load_state_dict(state)
-        probe = probes(frozen, load_splits(cfg.data), cfg, session.device)
-        del frozen
-    session.barrier()
-    probe_seconds = time.time() - t0
-    torch.manual_seed(cfg.seed)
-    ft = finetune(cfg, session, state)
-    return {"probe": probe, "probe_seconds": probe_seconds, **ft}
+    try:
+        carry, ft = trial_phases(cfg, session, session)
+    except DivergedError as e:  # deterministic: returned, not raised, so Ray does not retry it
+        return {"diverged": str(e)}
+    return {"carry": carry, "ft": ft}
+
+
+def _finetune_worker(config: dict):
+    """Fine-tuning alone, from a pre-training checkpoint (``conmim finetune --checkpoint``)."""
+    from conmim.finetune import finetune
+    from conmim.pretrain import DivergedError, load_encoder_state
+    from conmim.session import RaySession, set_threads
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    set_threads(_threads(cfg))
+    with config["checkpoint"].as_directory() as d:
+        state = load_encoder_state(Path(d), cfg.finetune.encoder)
+    try:
+        return finetune(cfg, RaySession(config["out"]), state)
+    except DivergedError as e:
+        return {"diverged": str(e)}
 
 
 def run_name(out: Path, phase: str) -> str:
@@ -119,6 +122,8 @@ def _fit(trainer):
         raise TrainRunFailed(_root_cause(e)) from e
     if result.error is not None:
         raise TrainRunFailed(_root_cause(result.error))
+    if isinstance(result.return_value, dict) and "diverged" in result.return_value:
+        raise TrainRunFailed(f"DivergedError: {result.return_value['diverged']}")
     return result
 
 
@@ -130,34 +135,17 @@ def _root_cause(e: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
 
 
-def pretrain_phase(cfg: ExperimentConfig, out: Path, storage: Optional[str] = None, callbacks=None):
-    result = _fit(_trainer(_pretrain_worker, cfg, out, "pretrain", storage, callbacks=callbacks))
+def pretrain_phase(cfg: ExperimentConfig, out: Path, storage: Optional[str] = None):
+    result = _fit(_trainer(_pretrain_worker, cfg, out, "pretrain", storage))
     return result.return_value, result.checkpoint
 
 
-def finetune_phase(cfg: ExperimentConfig, out: Path, checkpoint, storage: Optional[str] = None, callbacks=None):
-    result = _fit(_trainer(_finetune_worker, cfg, out, "finetune", storage, {"checkpoint": checkpoint},
-                           callbacks=callbacks))
-    return result.return_value
-
-
-def run_trial(cfg: ExperimentConfig, out: Path, storage: Optional[str] = None, pretrain_callbacks=None,
-              finetune_callbacks=None) -> dict:
-    """Pre-train and fine-tune on Ray Train; writes ``out/result.json`` (once, at the end)."""
-    from conmim.trial import summarize, write_result
-    from conmim.data import load_splits
+def run_trial(cfg: ExperimentConfig, out: Path, storage: Optional[str] = None, callbacks=None) -> dict:
+    """Pre-train, probe and fine-tune in one Ray Train run; writes ``out/result.json`` once."""
+    from conmim.trial import result_of, write_result
     t0 = time.time()
-    pre, ckpt = (None, None)
-    if cfg.pretrain.enabled:
-        pre, ckpt = pretrain_phase(cfg, out, storage, pretrain_callbacks)
-    t1 = time.time()
-    ft = finetune_phase(cfg, out, ckpt, storage, finetune_callbacks)
-    t2 = time.time()
-    timings = {"pretrain_seconds": t1 - t0, "probe_seconds": ft.pop("probe_seconds"),
-               "finetune_seconds": t2 - t1, "wall_seconds": t2 - t0,
-               "pretrain_compute_seconds": pre["pretrain_seconds"] if pre else 0.0,
-               "finetune_compute_seconds": ft["finetune_seconds"]}
-    result = summarize(cfg, pre, ft.pop("probe"), ft, timings, load_splits(cfg.data)["train"].num_classes)
+    ret = _fit(_trainer(_trial_worker, cfg, out, "trial", storage, callbacks=callbacks)).return_value
+    result = result_of(cfg, ret["carry"], ret["ft"], time.time() - t0)
     write_result(out, result)
     return result
 
@@ -176,5 +164,6 @@ def pretrain_on_ray(cfg: ExperimentConfig, out: Path, address: Optional[str] = N
 def finetune_on_ray(cfg: ExperimentConfig, checkpoint: Path, out: Path, address: Optional[str] = None) -> dict:
     import ray.train
     ensure_ray(address)
-    ft = finetune_phase(cfg, out, ray.train.Checkpoint.from_directory(str(checkpoint)))
+    ckpt = ray.train.Checkpoint.from_directory(str(checkpoint))
+    ft = _fit(_trainer(_finetune_worker, cfg, out, "finetune", None, {"checkpoint": ckpt})).return_value
     return {k: v for k, v in ft.items() if k not in ("finetune_history",)}

@@ -41,8 +41,16 @@ def top1(model: nn.Module, images, cfg: ExperimentConfig, session: Session, batc
     return (tot[0] / tot[1]).item()
 
 
-def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None) -> dict:
-    """Fine-tune; ``encoder_state`` None = from scratch. Returns finetune/val top-1 and timings."""
+def finetune_checkpoint_state(cfg: ExperimentConfig, session: Session) -> dict | None:
+    """The fine-tuning checkpoint this session restarts from, if any."""
+    return resumable(session.latest_checkpoint(), cfg, session, "finetune")
+
+
+def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None, carry: dict | None = None) -> dict:
+    """Fine-tune ``encoder_state`` (None when resuming from a fine-tuning checkpoint).
+
+    ``carry`` (earlier phases' summaries) is stored in every checkpoint, so that a run restarted
+    during fine-tuning does not need to redo them. Returns finetune/val top-1 and timings."""
     t0 = time.time()
     f = cfg.finetune
     torch.manual_seed(cfg.seed + 1)
@@ -51,6 +59,7 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
     encoder = MaskedViT(cfg.model, drop_path=f.drop_path)
     if encoder_state is not None:
         encoder.load_state_dict(encoder_state)
+    encoder.mask_token.requires_grad_(False)
     net = Classifier(encoder, train.num_classes).to(session.device)
     model = net
     if session.world > 1:
@@ -88,15 +97,14 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
         return x, torch.as_tensor(train.labels[index])
 
     epoch, step = 0, 0
-    ckpt = session.latest_checkpoint()
     history: list[dict] = []
-    state = resumable(ckpt, cfg, session)
+    state = finetune_checkpoint_state(cfg, session)
     if state is not None:
         net.load_state_dict(state["classifier"])
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         epoch, step, history = state["epoch"], state["step"], state["history"]
-        session.log(f"[finetune] resumed from {ckpt} at epoch {epoch}")
+        session.log(f"[finetune] resumed at epoch {epoch}")
 
     amp = torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=cfg.pretrain.amp)
     while epoch < f.epochs:
@@ -131,7 +139,7 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
         tmp, ckpt_dir = None, None
         if session.is_main and (epoch % cfg.pretrain.checkpoint_every == 0 or epoch == f.epochs):
             tmp = tempfile.TemporaryDirectory(prefix="conmim-ft-")
-            torch.save({"config": cfg.to_dict(), "classifier": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+            torch.save({"phase": "finetune", "carry": carry or {}, "config": cfg.to_dict(), "classifier": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                         "step": step, "rng": _rng_state(), "history": history}, Path(tmp.name) / "state.pt")
             ckpt_dir = tmp.name
         session.report({**m, "phase": "finetune"}, ckpt_dir)

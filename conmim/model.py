@@ -159,8 +159,7 @@ class Classifier(nn.Module):
 
     def __init__(self, encoder: MaskedViT, num_classes: int):
         super().__init__()
-        self.encoder = encoder
-        encoder.mask_token.requires_grad_(False)  # nothing is masked when classifying
+        self.encoder = encoder  # (its mask_token is unused when classifying; finetune freezes it)
         self.fc_norm = nn.LayerNorm(encoder.embed_dim)
         self.head = nn.Linear(encoder.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)

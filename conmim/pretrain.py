@@ -79,6 +79,7 @@ def _set_rng_state(s: dict) -> None:
 def save_checkpoint(path: Path, cfg: ExperimentConfig, net: ConMIM, opt, epoch: int, step: int, extra: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     torch.save({
+        "phase": "pretrain",
         "online": net.online.state_dict(),
         "momentum": net.momentum.state_dict() if net.momentum is not None else None,
         "optimizer": opt.state_dict() if opt is not None else None,
@@ -90,11 +91,13 @@ def save_checkpoint(path: Path, cfg: ExperimentConfig, net: ConMIM, opt, epoch: 
     return path
 
 
-def resumable(ckpt: Path | None, cfg: ExperimentConfig, session: Session) -> dict | None:
-    """The checkpoint's state if it belongs to this very experiment, else None (start afresh)."""
+def resumable(ckpt: Path | None, cfg: ExperimentConfig, session: Session, phase: str) -> dict | None:
+    """The checkpoint's state if it is of this phase of this very experiment, else None."""
     if ckpt is None:
         return None
     state = torch.load(Path(ckpt) / "state.pt", map_location=session.device, weights_only=False)
+    if state.get("phase", "pretrain") != phase:
+        return None
     mine, theirs = cfg.to_dict(), dict(state.get("config") or {})
     mine.pop("debug"), theirs.pop("debug", None)
     if mine != theirs:
@@ -165,7 +168,7 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     epoch, step = 0, 0
     ckpt = session.latest_checkpoint()
     history: list[dict] = []
-    state = resumable(ckpt, cfg, session)
+    state = resumable(ckpt, cfg, session, "pretrain")
     if state is not None:
         net.online.load_state_dict(state["online"])
         if net.momentum is not None:

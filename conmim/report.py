@@ -43,13 +43,13 @@ def rows_from_mlflow(experiment: str, tracking_uri: str) -> list[dict]:
         t, m = run.data.tags, run.data.metrics
         status = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}.get(run.info.status, run.info.status.lower())
         base = {"trial": t.get(tracking.TRIAL_TAG), "variant": t.get("conmim.variant"), "seed": int(t.get("conmim.seed", 0)),
-                "note": "", "overrides": "", "alias_of": "", "status": status, "reason": t.get(tracking.REASON_TAG, ""),
+                "note": t.get("conmim.note", ""), "overrides": t.get("conmim.overrides", ""), "alias_of": "", "status": status, "reason": t.get(tracking.REASON_TAG, ""),
                 "collapsed": bool(m.get("collapsed", 0)), "at_chance": bool(m.get("at_chance", 0)),
                 **{k: m.get(k, float("nan")) for k in ("finetune_top1", "linear_probe_top1", "knn_top1", "final_target_std")}}
         rows.append(base)
-        for alias in filter(None, t.get("conmim.aliases", "-").strip("-").split(",")):
-            variant, _, seed = alias.rpartition("_seed")
-            rows.append({**base, "trial": alias, "variant": variant, "seed": int(seed), "alias_of": base["trial"],
+        for a in json.loads(t.get("conmim.alias_records", "[]")):
+            rows.append({**base, "trial": a["name"], "variant": a["variant"], "seed": a["seed"], "note": a["note"],
+                         "overrides": json.dumps(a["overrides"], sort_keys=True), "alias_of": base["trial"],
                          "status": f"alias ({status})"})
     return rows
 

@@ -33,7 +33,7 @@ class Session:
 
     def log(self, line: str) -> None:
         if self.is_main:
-            print(line, flush=True)
+            print(line, file=sys.stderr, flush=True)  # progress on stderr, results on stdout
 
     # collective helpers that degrade to no-ops in one process
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,7 @@ from conmim.sweep_config import Sweep, Trial
 
 FINAL_METRICS = ("finetune_top1", "finetune_val_top1", "linear_probe_top1", "knn_top1", "final_pretrain_loss",
                  "final_target_std")
-TIMINGS = ("pretrain_seconds", "probe_seconds", "finetune_seconds", "wall_seconds", "pretrain_compute_seconds",
-           "finetune_compute_seconds")
+TIMINGS = ("pretrain_seconds", "probe_seconds", "finetune_seconds", "wall_seconds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +89,10 @@ def run_one_trial(params: dict, info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     uri = info["tracking_uri"]
     tags = {"conmim.variant": rec["variant"], "conmim.seed": str(rec["seed"]), "conmim.canonical_hash": rec["key"],
-            "conmim.aliases": ",".join(info.get("aliases", {}).get(name, [])) or "-",
+            "conmim.aliases": ",".join(a["name"] for a in info.get("aliases", {}).get(name, [])) or "-",
+            "conmim.alias_records": json.dumps(info.get("aliases", {}).get(name, []), default=str)[:5000],
+            "conmim.overrides": json.dumps(rec["overrides"], sort_keys=True, default=str)[:5000],
+            "conmim.note": rec.get("note", "")[:5000],
             "ray.trial_id": tune.get_context().get_trial_id(), **({"conmim.git_commit": info["git"]} if info.get("git") else {})}
     run = tracking.child_run(uri, info["experiment_id"], info["parent_run_id"], name, tags)
     run_id = run.info.run_id
@@ -106,7 +108,7 @@ def run_one_trial(params: dict, info: dict) -> None:
     tracking.retry(tracking.client(uri).log_artifact, run_id, str(cfg_file))
     callbacks = [TuneReportCallback(), tracking.EpochLogger(uri, run_id)]
     try:
-        res = run_trial(cfg, out, pretrain_callbacks=callbacks, finetune_callbacks=callbacks)
+        res = run_trial(cfg, out, callbacks=callbacks)
     except (TrainRunFailed, DivergedError) as e:
         reason = str(e)
         _write_json(out / "failed.json", {"reason": reason, "time": time.time()})
@@ -203,7 +205,15 @@ def _search(sweep: Sweep):
         space[key] = {"loguniform": lambda: tune.loguniform(d.low, d.high), "uniform": lambda: tune.uniform(d.low, d.high),
                       "int": lambda: tune.randint(int(d.low), int(d.high) + 1), "choice": lambda: tune.choice(d.values)}[d.type]()
     space["seed"] = spec.seeds[0]
-    algo = OptunaSearch(metric=spec.optuna.metric, mode=spec.optuna.mode, seed=spec.seeds[0])
+
+    class FinalMetricOptuna(OptunaSearch):
+        """Per-epoch reports are curves without the final metric: Optuna sees only the final one."""
+
+        def on_trial_result(self, trial_id, result):
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    algo = FinalMetricOptuna(metric=spec.optuna.metric, mode=spec.optuna.mode, seed=spec.seeds[0])
     return space, algo, spec.optuna.num_samples
 
 
@@ -229,9 +239,10 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: Optional[str] = None,
                  parent_run_id=parent_id, sweep_file=str(sweep.path.resolve()))
     _write_json(d / "sweep.json", state)
     _write_json(d / "trials.json", [_trial_record(t) for t in sweep.distinct + sweep.aliases])
-    aliases: dict[str, list[str]] = {}
+    aliases: dict[str, list[dict]] = {}
     for t in sweep.aliases:
-        aliases.setdefault(t.alias_of, []).append(t.name)
+        aliases.setdefault(t.alias_of, []).append({"name": t.name, "variant": t.variant, "seed": t.seed,
+                                                   "overrides": t.overrides, "note": t.note})
     info = {"sweep_dir": str(d), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id,
             "trials": {t.name: _trial_record(t) for t in sweep.distinct}, "aliases": aliases,
             "git": tracking.git_commit(), "base_config": sweep.distinct[0].config.to_dict()}
@@ -239,6 +250,9 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: Optional[str] = None,
         info["trials"] = {}
     write_results(d)
 
+    # Per-epoch reports carry pre-training/fine-tuning curves; the searcher's final metric comes
+    # only with the trial's last report, which Tune's strict check would refuse.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     ensure_ray(address)
     from ray import tune
     r = sweep.spec.resources

@@ -15,10 +15,10 @@ import torch
 from conmim.config import ExperimentConfig, canonical_hash
 from conmim.data import load_splits
 from conmim.evaluate import probes
-from conmim.finetune import finetune
+from conmim.finetune import finetune, finetune_checkpoint_state
 from conmim.model import MaskedViT
 from conmim.pretrain import load_encoder_state, pretrain
-from conmim.session import LocalSession
+from conmim.session import LocalSession, Session
 
 CHANCE_MARGIN = 0.05  # a top-1 within 5 points of chance counts as "at chance"
 COLLAPSE_STD = 0.1    # normalised target features with spread below this have collapsed
@@ -61,27 +61,46 @@ def write_result(out: Path, result: dict) -> Path:
     return out / "result.json"
 
 
-def run_in_process(cfg: ExperimentConfig, out: str | Path, device: str = "cpu") -> dict:
-    out = Path(out)
+def trial_phases(cfg: ExperimentConfig, pre_session: Session, ft_session: Session) -> tuple[dict, dict]:
+    """Pre-train (or resume), probe the frozen encoder, fine-tune (or resume).
+
+    Returns (carry, fine-tuning result); ``carry`` holds the pre-training summary, the probes and
+    their timings, and travels in every fine-tuning checkpoint, so a run restarted during
+    fine-tuning skips the phases it already did."""
+    ft_state = finetune_checkpoint_state(cfg, ft_session)
+    if ft_state is not None:
+        return ft_state["carry"], finetune(cfg, ft_session, None, ft_state["carry"])
     t0 = time.time()
     pre = None
     if cfg.pretrain.enabled:
-        pre = pretrain(cfg, LocalSession(out, "pretrain", device))
+        pre = pretrain(cfg, pre_session)
         encoder = pre.pop("net").encoder_for_finetune(cfg.finetune.encoder)
         state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     else:
         state = scratch_encoder_state(cfg)
     t1 = time.time()
-    splits = load_splits(cfg.data)
-    frozen = MaskedViT(cfg.model).to(device)
-    frozen.load_state_dict(state)
-    probe = probes(frozen, splits, cfg, torch.device(device))
-    t2 = time.time()
-    ft = finetune(cfg, LocalSession(out, "finetune", device), state)
-    t3 = time.time()
-    timings = {"pretrain_seconds": t1 - t0, "probe_seconds": t2 - t1, "finetune_seconds": t3 - t2,
-               "wall_seconds": t3 - t0}
-    result = summarize(cfg, pre, probe, ft, timings, splits["train"].num_classes)
+    probe = {}
+    if pre_session.is_main:  # frozen-feature proxies: cheap, on one worker while the others wait
+        frozen = MaskedViT(cfg.model).to(pre_session.device)
+        frozen.load_state_dict(state)
+        probe = probes(frozen, load_splits(cfg.data), cfg, pre_session.device)
+        del frozen
+    ft_session.barrier()
+    carry = {"pre": pre, "probe": probe, "pretrain_seconds": t1 - t0, "probe_seconds": time.time() - t1}
+    return carry, finetune(cfg, ft_session, state, carry)
+
+
+def result_of(cfg: ExperimentConfig, carry: dict, ft: dict, wall: float) -> dict:
+    timings = {"pretrain_seconds": carry["pretrain_seconds"], "probe_seconds": carry["probe_seconds"],
+               "finetune_seconds": ft["finetune_seconds"], "wall_seconds": wall}
+    return summarize(cfg, carry["pre"], carry["probe"], ft, timings, load_splits(cfg.data)["train"].num_classes)
+
+
+def run_in_process(cfg: ExperimentConfig, out: str | Path, device: str = "cpu") -> dict:
+    out = Path(out)
+    t0 = time.time()
+    carry, ft = trial_phases(cfg, LocalSession(out, "pretrain", device), LocalSession(out, "finetune", device))
+    result = result_of(cfg, carry, ft, time.time() - t0)
     write_result(out, result)
     return result
 
