@@ -37,12 +37,15 @@ def main():
 
     cfg = load_config(args.preset, args.set)
     t = time.time()
-    run_in_process(cfg, tmp / "inproc")
+    a = run_in_process(cfg, tmp / "inproc")
     inproc = time.time() - t
     t = time.time()
-    run_trial(cfg, tmp / "ray")
+    b = run_trial(cfg, tmp / "ray")
     ray_wall = time.time() - t
-    print(f"trial in-process: {inproc:.1f} s; on Ray Train: {ray_wall:.1f} s")
+    for name, r, wall in (("in-process", a, inproc), ("Ray Train", b, ray_wall)):
+        print(f"trial {name}: {wall:.1f} s wall (pre-train {r['pretrain_seconds']:.1f} s, probes "
+              f"{r['probe_seconds']:.1f} s, fine-tune {r['finetune_seconds']:.1f} s); fine-tuned top-1 "
+              f"{r['finetune_top1']:.4f}, linear probe {r['linear_probe_top1']:.4f}, k-NN {r['knn_top1']:.4f}", flush=True)
     print(f"Ray Train overhead: {ray_wall - inproc:.1f} s = {100 * (ray_wall - inproc) / ray_wall:.1f} % of the trial")
 
 
