@@ -96,7 +96,7 @@ def train(config, sets, out, backend, address):
 @_run_options
 @friendly_errors
 def pretrain(config, sets, out, backend, address):
-    """Pre-train only; the last checkpoint is OUT/checkpoints/pretrain/latest."""
+    """Pre-train only; prints the final loss and the folder of the last checkpoint."""
     cfg = _load(config, sets)
     out = Path(out).resolve()
     if backend == "process":
