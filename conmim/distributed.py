@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 from conmim.config import ExperimentConfig
 
-RAY_LOG_ENV = {"RAY_TRAIN_V2_ENABLED": "1"}
+RAY_DEFAULT_ENV = {"RAY_TRAIN_V2_ENABLED": "1"}
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -23,7 +22,7 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     import ray
     if ray.is_initialized():
         return
-    for k, v in RAY_LOG_ENV.items():
+    for k, v in RAY_DEFAULT_ENV.items():
         os.environ.setdefault(k, v)
     if address:
         ray.init(address=address, log_to_driver=True)
