@@ -111,17 +111,6 @@ class RaySession(Session):
         return self._ckpt_dir
 
 
-def in_ray_worker() -> bool:
-    if "ray" not in sys.modules:
-        return False
-    try:
-        import ray.train
-        ray.train.get_context().get_world_rank()
-        return True
-    except Exception:
-        return False
-
-
 def set_threads(n: Optional[int]) -> None:
     """Threads of a Ray Train worker; also undo the low priority (nice 15) Ray gives its workers,
     which on a small machine lets every background Ray process preempt the training."""
