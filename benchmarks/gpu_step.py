@@ -47,12 +47,46 @@ def loss_fn(q, k, mask, tau=0.1):
     return F.cross_entropy(torch.bmm(q, k.transpose(1, 2))[b, p] / tau, p)
 
 
+def count_flops(tflops: float, batch: int = 2):
+    """FLOPs of one ConMIM step per image (online fwd+bwd on the masked view, momentum fwd on the
+    full view), counted on the CPU; then the GPU-hours of the reference recipes at `tflops`."""
+    online = Net()
+    ema = copy.deepcopy(online).requires_grad_(False)
+    xo, xt = torch.randn(batch, 3, 224, 224), torch.randn(batch, 3, 224, 224)
+    mask = torch.zeros(batch, 196, dtype=torch.bool)
+    mask[:, torch.randperm(196)[:75]] = True
+    with FlopCounterMode(display=False) as fc:
+        q = online(xo, mask)
+        with torch.no_grad():
+            k = ema(xt)
+        loss_fn(q, k, mask).backward()
+    per_image = fc.get_total_flops() / batch
+    with FlopCounterMode(display=False) as fc:  # fine-tuning: the encoder alone, forward + backward
+        online.vit.forward_features(xt).float().mean().backward()
+    ft_image = fc.get_total_flops() / batch
+    print(f"model FLOPs/image/step  {per_image / 1e9:.1f} GFLOP (pre-training, ViT-B/16 224^2)")
+    print(f"assumed throughput      {tflops:.1f} TFLOP/s per GPU -> {tflops * 1e12 / per_image:.0f} images/s")
+    for epochs in (300, 800, 1600):
+        hours = per_image * 1_281_167 * epochs / (tflops * 1e12) / 3600
+        print(f"ImageNet-1K x {epochs:4d} epochs  {hours:7.0f} GPU-hours ({hours / 8:.0f} h on 8 GPUs)")
+    ft_hours = ft_image * 1_281_167 * 100 / (tflops * 1e12) / 3600
+    print(f"fine-tune FLOPs/image   {ft_image / 1e9:.1f} GFLOP; 100 epochs: {ft_hours:.0f} GPU-hours")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="count the model FLOPs of one step on the CPU (batch 2) and print the paper-scale "
+                         "cost for an assumed sustained TFLOP/s; needs no GPU")
+    ap.add_argument("--assume-tflops", type=float, default=989.4 * 0.4,
+                    help="with --flops-only: sustained bf16 TFLOP/s per GPU (default: H100 SXM dense bf16 "
+                         "peak 989.4 from NVIDIA's datasheet x an assumed MFU of 0.40)")
     a = ap.parse_args()
+    if a.flops_only:
+        return count_flops(a.assume_tflops)
     assert torch.cuda.is_available(), "needs an NVIDIA GPU"
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -3,9 +3,14 @@
     python benchmarks/sweep_overhead.py [--preset demo] [--trials 4] [--set key=value ...]
 
 Runs a real sweep (local Ray, MLflow in a temporary SQLite file) of N trials and prints:
-* overhead share: 1 - (sum of the trials' pre-training, probe and fine-tuning seconds) / sweep wall,
-  i.e. Ray start, trial and worker-group start, MLflow logging, checkpoints, probes;
+* overhead share: 1 - (sum of the trials' pre-training, probe and fine-tuning seconds) /
+  (sweep wall x concurrent trials), i.e. the part of each trial slot's time spent on Ray start,
+  trial and worker-group start, MLflow logging, checkpoints;
 * packing: sum over trials of compute seconds x threads used / (sweep wall x cores).
+
+    python benchmarks/sweep_overhead.py --from ray_results/ablations --wall 3900 --concurrency 2 --threads 1
+
+computes the same two figures for a sweep that already ran (wall time from its log).
 """
 import argparse
 import os
@@ -24,7 +29,13 @@ def main():
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--from", dest="sweep_dir", default=None, help="a finished sweep's folder: no new run")
+    ap.add_argument("--wall", type=float, help="with --from: the sweep's wall seconds")
+    ap.add_argument("--concurrency", type=int, default=1, help="with --from: max_concurrent_trials it ran with")
+    ap.add_argument("--threads", type=int, default=1, help="with --from: threads per trial")
     args = ap.parse_args()
+    if args.sweep_dir:
+        return report(collect_rows(Path(args.sweep_dir)), args.wall, args.concurrency, args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="conmim-sweep-overhead-"))
     sets = dict(s.split("=", 1) for s in args.set)
     spec = {"name": "overhead", "base": {"config": args.preset, "set": {k: yaml.safe_load(v) for k, v in sets.items()}},
@@ -35,12 +46,17 @@ def main():
     t = time.time()
     run_sweep(sweep, report=False)
     wall = time.time() - t
-    rows = [r for r in collect_rows(sweep.dir) if r["status"] == "finished"]
+    res = sweep.distinct[0].config.resources
+    report(collect_rows(sweep.dir), wall, sweep.spec.resources.max_concurrent_trials,
+           res.num_workers * max(1, int(res.cpus_per_worker)))
+
+
+def report(rows: list[dict], wall: float, concurrency: int, threads: int) -> None:
+    rows = [r for r in rows if r["status"] == "finished"]
     compute = sum(r["pretrain_seconds"] + r["probe_seconds"] + r["finetune_seconds"] for r in rows)
-    threads = sweep.distinct[0].config.resources.num_workers * max(1, int(sweep.distinct[0].config.resources.cpus_per_worker))
     cores = os.cpu_count()
-    print(f"trials {len(rows)}, sweep wall {wall:.1f} s, trial compute {compute:.1f} s")
-    print(f"overhead share (not pre-training/fine-tuning compute): {100 * (1 - compute / wall):.1f} %")
+    print(f"trials {len(rows)}, sweep wall {wall:.1f} s, trial compute {compute:.1f} s, {concurrency} at a time")
+    print(f"overhead share (not pre-training/fine-tuning compute): {100 * (1 - compute / (wall * concurrency)):.1f} %")
     print(f"packing (compute x {threads} threads / (wall x {cores} cores)): {compute * threads / (wall * cores):.2f}")
 
 

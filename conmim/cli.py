@@ -133,17 +133,26 @@ def finetune(config, checkpoint, sets, out, backend, address):
 
 
 @main.command()
-@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.argument("sweep_file")
 @click.option("--set", "sets", multiple=True,
               help="Override a key of the sweep file, e.g. --set base=demo --set seeds=[0] (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the trial table and counts; start nothing.")
 @click.option("--resume", is_flag=True, help="Continue the sweep in its storage: finished trials are not re-run.")
-@click.option("--address", default=None, help="Run on this Ray cluster (default: a local Ray).")
+@click.option("--address", default=None,
+              help="Submit the sweep as a Ray job to the cluster whose dashboard is here (http://HEAD:8265); "
+                   "default: run it on a local Ray (or the one RAY_ADDRESS names).")
+@click.option("--no-follow", is_flag=True, help="With --address: print the job id and return; do not stream the logs.")
 @friendly_errors
-def sweep(sweep_file, sets, dry_run, resume, address):
+def sweep(sweep_file, sets, dry_run, resume, address, no_follow):
     """Run an ablation sweep: Ray Tune trials, each pre-trained and fine-tuned on Ray Train,
-    every trial an MLflow run, results in STORAGE/NAME/results.parquet and a report."""
+    every trial an MLflow run, results in STORAGE/NAME/results.parquet and a report.
+
+    With --address the project is shipped to the cluster and the sweep runs there as a Ray job;
+    Ctrl-C stops following its logs and leaves the job running (conmim jobs stop ends it)."""
     from conmim.sweep_config import load_sweep, trial_table
+    if address and not dry_run:
+        _submit_sweep(sweep_file, sets, resume, address, not no_follow)
+        return
     sw = load_sweep(sweep_file, list(sets))
     if dry_run:
         click.echo(trial_table(sw))
@@ -152,16 +161,98 @@ def sweep(sweep_file, sets, dry_run, resume, address):
         return
     from conmim.sweep import run_sweep
     try:
-        counts = run_sweep(sw, resume=resume, address=address)
-    except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: trials stopped, their MLflow runs ended as KILLED. "
-                   f"Continue with: conmim sweep {sweep_file} --resume", err=True)
-        sys.exit(130)
+        counts = run_sweep(sw, resume=resume)
+    except KeyboardInterrupt as e:
+        how = getattr(e, "signame", "SIGINT")  # SIGTERM: `ray job stop` / `conmim jobs stop`
+        click.echo(f"\n{'interrupted' if how == 'SIGINT' else 'stopped (' + how + ')'}: trials stopped, their "
+                   f"MLflow runs ended as KILLED. Continue with: conmim sweep {sweep_file} --resume", err=True)
+        sys.exit(130 if how == "SIGINT" else 143)
     click.echo(f"sweep '{sw.spec.name}' done: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     click.echo(f"results: {sw.dir / 'results.parquet'}\nreport:  {sw.dir / 'report.md'}")
     report_path = sw.dir / "report.md"
     if report_path.exists():
         click.echo(report_path.read_text())
+
+
+def _submit_sweep(sweep_file, sets, resume, address, follow_logs):
+    from conmim import jobs
+    try:
+        jc, job_id = jobs.submit_sweep(sweep_file, sets, resume, address, echo=click.echo)
+    except jobs.JobsError as e:
+        raise UsageProblem(str(e)) from None
+    click.echo(jobs.hints(job_id, address))
+    if not follow_logs:
+        return
+    click.echo("streaming the job's logs (Ctrl-C stops following; the job keeps running)")
+    try:
+        final = jobs.follow(jc, job_id, lambda text: click.echo(text, nl=False))
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following: job {job_id} is still running on the cluster. Stop it with:\n"
+                   f"  conmim jobs stop {job_id} --address {address}", err=True)
+        sys.exit(130)
+    except jobs.JobsError as e:
+        raise UsageProblem(str(e)) from None
+    click.echo(f"\njob {job_id}: {final}")
+    if final != "SUCCEEDED":
+        sys.exit(1)
+
+
+ADDRESS_OPTION = click.option("--address", required=True, envvar="RAY_API_SERVER_ADDRESS",
+                              help="The Ray dashboard's address, e.g. http://127.0.0.1:8265 "
+                                   "(or set RAY_API_SERVER_ADDRESS).")
+
+
+@main.group()
+def jobs():
+    """Sweeps submitted to a cluster (conmim sweep FILE --address): status, logs, stop."""
+
+
+def _jobs_call(fn, *a, **kw):
+    from conmim.jobs import JobsError
+    try:
+        return fn(*a, **kw)
+    except JobsError as e:
+        raise UsageProblem(str(e)) from None
+
+
+@jobs.command("status")
+@click.argument("job_id")
+@ADDRESS_OPTION
+def jobs_status(job_id, address):
+    """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and details."""
+    from conmim import jobs as j
+    click.echo(json.dumps(_jobs_call(j.status, address, job_id), indent=2))
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@ADDRESS_OPTION
+@click.option("--follow", "-f", "follow_logs", is_flag=True, help="Keep streaming until the job ends.")
+def jobs_logs(job_id, address, follow_logs):
+    """Print the job's driver output (the sweep's progress)."""
+    from conmim import jobs as j
+    try:
+        final = _jobs_call(j.logs, address, job_id, follow_logs, lambda text: click.echo(text, nl=False))
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; job {job_id} keeps running.", err=True)
+        sys.exit(130)
+    if final:
+        click.echo(f"\njob {job_id}: {final}")
+
+
+@jobs.command("stop")
+@click.argument("job_id")
+@ADDRESS_OPTION
+@click.option("--timeout", default=90, show_default=True, help="Seconds to wait for the job to end.")
+def jobs_stop(job_id, address, timeout):
+    """Stop the job: its driver gets SIGTERM and ends the trials' MLflow runs as KILLED."""
+    from conmim import jobs as j
+    final = _jobs_call(j.stop, address, job_id, timeout)
+    click.echo(f"job {job_id}: {final}")
+    if final not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        click.echo(f"still {final} after {timeout} s; check again with: conmim jobs status {job_id} --address {address}",
+                   err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -152,9 +152,12 @@ class ResourcesConfig(Strict):
 class DebugConfig(Strict):
     """Fault injection for tests of recovery; leave unset in real runs."""
     crash_at_step: Optional[int] = Field(None, ge=0, description="a worker calls os._exit at this global step, once")
+    kill_at_step: Optional[int] = Field(None, ge=0, description="a worker sends itself SIGKILL at this global step, once")
     nan_at_step: Optional[int] = Field(None, ge=0, description="the loss becomes NaN at this step")
     log_steps: bool = Field(False, description="record the loss of every step in result.json")
     dump_replicas: bool = Field(False, description="every worker saves its final weights to out/replicas/ (to check replicas agree)")
+    float64: bool = Field(False, description="pre-train in float64, so that runs which differ only in float32 "
+                          "reduction order (1 vs 2 workers) can be compared step by step")
 
 
 class ExperimentConfig(Strict):
@@ -215,6 +218,67 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("conmim.presets").iterdir() if p.name.endswith(".yaml"))
 
 
+MAX_YAML_NODES = 100_000  # a config has a few hundred values; alias expansion beyond this is a "YAML bomb"
+
+
+class YAMLRefused(yaml.YAMLError):
+    """Well-formed YAML that a config may not be (bomb, recursion, duplicate key)."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also refuses alias bombs, recursive aliases and duplicate keys.
+
+    The size check runs on the composed node graph, before any Python object is built: an alias
+    costs its whole subtree again, counted with memoisation, so a "billion laughs" document is
+    refused after visiting each distinct node once."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_nodes(node)
+        return node
+
+
+def _check_nodes(root) -> None:
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node) -> int:
+        k = id(node)
+        if k in sizes:
+            return sizes[k]
+        if k in active:
+            raise YAMLRefused(f"line {node.start_mark.line + 1}: an alias refers to its own anchor "
+                              f"(recursive structure); configs must be trees")
+        active.add(k)
+        n = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        raise YAMLRefused(f"line {key.start_mark.line + 1}: duplicate key '{key.value}' "
+                                          f"(first at line {seen[key.value]}); each key may appear once")
+                    seen[key.value] = key.start_mark.line + 1
+                n += size(key) + size(value)
+                if n > MAX_YAML_NODES:
+                    break
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                n += size(item)
+                if n > MAX_YAML_NODES:
+                    break
+        active.discard(k)
+        if n > MAX_YAML_NODES:
+            raise YAMLRefused(f"line {node.start_mark.line + 1}: the document expands to more than "
+                              f"{MAX_YAML_NODES} values through anchors/aliases (a 'YAML bomb'); "
+                              f"a config needs at most a few hundred")
+        sizes[k] = n
+        return n
+
+    size(root)
+
+
 def read_yaml(path: str | Path) -> dict:
     """Safe-load a YAML mapping; every failure is a ConfigError naming the file."""
     path = Path(path)
@@ -228,16 +292,17 @@ def read_yaml(path: str | Path) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8.") from None
-    if text.count("*") > 100 and text.count("&"):
-        # Aliases are legitimate but a config never needs hundreds; refuse "billion laughs" shapes.
-        raise ConfigError(f"{path}: too many YAML aliases ({text.count('*')}); configs may not use alias expansion at that scale.")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: plain data only, no Python objects
+    except YAMLRefused as e:
+        raise ConfigError(f"{path}: {e}.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}.") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply; a config needs a few levels of mappings.") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -263,7 +328,10 @@ def load_source(source: str, _seen: tuple = ()) -> tuple[dict, str]:
             raise ConfigError(f"{label}: 'extends' = {parent!r} must name a preset or file, without cycles.")
         if not parent.startswith("/") and not label.startswith("preset") and parent not in preset_names():
             parent = str(Path(label).parent / parent)
-        base, _ = load_source(parent, _seen + (source,))
+        try:
+            base, _ = load_source(parent, _seen + (source,))
+        except ConfigError as e:
+            raise ConfigError(f"{label}: extends: {e}") from None
         raw = deep_merge(base, raw)
     return raw, label
 
@@ -345,9 +413,15 @@ def check_data_paths(cfg: ExperimentConfig, label: str) -> None:
         raise ConfigError(f"{label}: {msg}")
 
 
-def format_validation_error(e: ValidationError, label: str) -> str:
+def format_validation_error(e: ValidationError, label: str, schema: Any = None) -> str:
+    """One paragraph: for each problem the dotted key, the bad value and what is allowed."""
+    schema = schema or ExperimentConfig
     lines = []
-    for err in e.errors():
+    errors = [{**err, "loc": _clean_loc(err["loc"]), "branch": err["loc"] != _clean_loc(err["loc"])} for err in e.errors()]
+    for err in errors:
+        if err["branch"] and err["type"].endswith("_type") and any(
+                o is not err and o["loc"][:len(err["loc"])] == err["loc"] and not o["type"].endswith("_type") for o in errors):
+            continue  # 'base' as a string failed, as a mapping it has a real problem: show that one
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         value = err.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
@@ -355,24 +429,49 @@ def format_validation_error(e: ValidationError, label: str) -> str:
             shown = shown[:77] + "..."
         kind = err["type"]
         if kind == "extra_forbidden":
-            lines.append(f"unknown key '{key}' ({_allowed_keys(err['loc'])})")
+            lines.append(f"unknown key '{key}' ({_allowed_keys(err['loc'], schema)})")
         elif kind == "literal_error":
             lines.append(f"'{key}' = {shown} is not allowed; {err['msg'].replace('Input should be', 'allowed:')}")
         elif kind == "value_error":
-            lines.append(err["msg"].removeprefix("Value error, "))
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(msg if not err["loc"] or key in msg else f"{key}: {msg}")
         else:
             lines.append(f"'{key}' = {shown}: {err['msg']}")
     return f"{label}: invalid configuration: " + "; ".join(lines) + "."
 
 
-def _allowed_keys(loc: tuple) -> str:
-    model: Any = ExperimentConfig
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-branch tags ('str', 'BaseSpec') from an error location."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or p in ("str", "int", "float", "bool"))))
+
+
+def _unwrap_union(ann: Any) -> Any:
+    """Optional[X] / Union[str, Model] -> the member that can hold sub-keys (a model first)."""
+    import typing
+    if typing.get_origin(ann) is not typing.Union:
+        return ann
+    members = [a for a in typing.get_args(ann) if a is not type(None)]
+    return next((a for a in members if isinstance(a, type) and issubclass(a, BaseModel)), members[0] if members else ann)
+
+
+def _allowed_keys(loc: tuple, schema: Any = None) -> str:
+    """The keys allowed where ``loc`` points, following models, lists and dicts of the schema."""
+    import typing
+    ann: Any = schema or ExperimentConfig
     for part in loc[:-1]:
-        ann = model.model_fields[part].annotation if part in getattr(model, "model_fields", {}) else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        ann = _unwrap_union(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and isinstance(part, str) and part in ann.model_fields:
+            ann = ann.model_fields[part].annotation
+        elif typing.get_origin(ann) in (list, tuple) and isinstance(part, int):
+            ann = typing.get_args(ann)[0]
+        elif typing.get_origin(ann) is dict and isinstance(part, str):
+            ann = typing.get_args(ann)[1]
+        else:
             return "not a key of the schema"
-        model = ann
-    return "allowed here: " + ", ".join(sorted(model.model_fields))
+    ann = _unwrap_union(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "allowed here: " + ", ".join(sorted(ann.model_fields))
+    return "not a key of the schema"
 
 
 # ---------------------------------------------------------------------------------------------

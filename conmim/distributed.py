@@ -18,12 +18,16 @@ RAY_DEFAULT_ENV = {"RAY_TRAIN_V2_ENABLED": "1"}
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
-    """Join ``address``, or start a local Ray sized for this machine (loopback only)."""
+    """Join ``address``, or start a local Ray sized for this machine (loopback only).
+
+    Inside a Ray job (``conmim sweep --address``) Ray sets ``RAY_ADDRESS`` for the driver: the
+    job's sweep joins that cluster instead of starting a Ray of its own."""
     import ray
     if ray.is_initialized():
         return
     for k, v in RAY_DEFAULT_ENV.items():
         os.environ.setdefault(k, v)
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=True)
         return
@@ -64,7 +68,9 @@ def _trial_worker(config: dict):
         carry, ft = trial_phases(cfg, session, session)
     except DivergedError as e:  # deterministic: returned, not raised, so Ray does not retry it
         return {"diverged": str(e)}
-    return {"carry": carry, "ft": ft}
+    import ray
+    # where rank 0 ran (the last attempt's node when a restart moved it): results.parquet, MLflow tag
+    return {"carry": carry, "ft": ft, "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _finetune_worker(config: dict):
@@ -145,6 +151,7 @@ def run_trial(cfg: ExperimentConfig, out: Path, storage: Optional[str] = None, c
     t0 = time.time()
     ret = _fit(_trainer(_trial_worker, cfg, out, "trial", storage, callbacks=callbacks)).return_value
     result = result_of(cfg, ret["carry"], ret["ft"], time.time() - t0)
+    result["node_id"] = ret.get("node_id")
     write_result(out, result)
     return result
 

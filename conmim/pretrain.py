@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -133,6 +134,13 @@ def _loader_crop(cfg, epoch):
     return PerImageCrop(cfg.seed, epoch, cfg.model.img_size, a.crop_scale, a.crop_ratio, a.flip_p, crng.GEOMETRY)
 
 
+def _let_controller_see_last_checkpoint() -> None:
+    """Before an injected death: Ray Train's controller registers a reported checkpoint when it
+    next polls the workers, so a worker dying a fraction of a second after reporting restarts from
+    the checkpoint before. Real epochs last minutes; tiny test epochs last a second."""
+    time.sleep(5)
+
+
 def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     """Run (or resume) pre-training; returns the final metrics and the last checkpoint path."""
     t0 = time.time()
@@ -140,7 +148,10 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     splits = load_splits(cfg.data)
     train = splits["train"]
     net = ConMIM(cfg)
-    net.to(session.device)
+    # AdamW turns float32 round-off in near-zero gradients into lr-sized steps, so runs that differ
+    # only in summation order drift apart; float64 keeps that drift below what the tests compare.
+    dtype = torch.float64 if cfg.debug.float64 else torch.float32
+    net.to(session.device, dtype)
     model = net
     # Global BatchNorm all-reduces inside autograd; DDP's asynchronous bucket all-reduces would
     # interleave with those collectives, so with sync_bn the gradients are averaged after backward.
@@ -168,6 +179,7 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     epoch, step = 0, 0
     ckpt = session.latest_checkpoint()
     history: list[dict] = []
+    resumed: dict = {}
     state = resumable(ckpt, cfg, session, "pretrain")
     if state is not None:
         net.online.load_state_dict(state["online"])
@@ -178,10 +190,12 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
         epoch, step = state["epoch"], state["step"]
         history = state["extra"].get("history", [])
         session.log(f"[pretrain] resumed from {ckpt} at epoch {epoch}, step {step}")
+        resumed = {"resumed_from_step": step}  # reported with the next epoch: a restart is visible
 
     amp = torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=p.amp)
     step_losses = []
     crash_marker = session.out_dir / ".crash_injected"
+    kill_marker = session.out_dir / ".kill_injected"
     while epoch < p.epochs:
         te = time.time()
         sampler, loader = _epoch_batches(cfg, train, transform, maskgen, grid, session, epoch)
@@ -189,8 +203,8 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
         n_steps = 0
         net.train()
         for masked_view, full_view, mask in loader:
-            masked_view = masked_view.to(session.device, non_blocking=True)
-            full_view = full_view.to(session.device, non_blocking=True)
+            masked_view = masked_view.to(session.device, dtype, non_blocking=True)
+            full_view = full_view.to(session.device, dtype, non_blocking=True)
             mask = mask.to(session.device, non_blocking=True)
             loss_mask = mask if cfg.masking.enabled else torch.ones_like(mask)
             for g in opt.param_groups:
@@ -221,9 +235,15 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
             if cfg.debug.log_steps:
                 step_losses.append(step_loss)
             if cfg.debug.crash_at_step is not None and step == cfg.debug.crash_at_step and not crash_marker.exists():
+                _let_controller_see_last_checkpoint()
                 crash_marker.parent.mkdir(parents=True, exist_ok=True)
                 crash_marker.write_text(f"worker {session.rank} died at step {step}\n")
                 os._exit(13)  # a real process death, not an exception Ray could catch
+            if cfg.debug.kill_at_step is not None and step == cfg.debug.kill_at_step and not kill_marker.exists():
+                _let_controller_see_last_checkpoint()
+                kill_marker.parent.mkdir(parents=True, exist_ok=True)
+                kill_marker.write_text(f"worker {session.rank} pid {os.getpid()} SIGKILLed at step {step}\n")
+                os.kill(os.getpid(), signal.SIGKILL)  # what `kill -9` or the OOM killer does
         epoch += 1
         metrics = {
             "epoch": epoch, "step": step,
@@ -233,7 +253,9 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
             "grad_norm": sums[3].item() / max(n_steps, 1),
             "target_std": sums[2].item() / max(n_steps, 1),
             "epoch_seconds": time.time() - te,
+            **resumed,
         }
+        resumed = {}
         if cfg.eval.proxy_every and epoch % cfg.eval.proxy_every == 0:
             from conmim.evaluate import knn_top1_of
             metrics["knn_proxy_top1"] = knn_top1_of(net.encoder_for_finetune(cfg.finetune.encoder), splits["train"],

@@ -70,6 +70,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "variant": v, "n": len(rs), "planned": len(groups[v]), "mean": m, "std": sd, "ci95": ci,
             "linear_probe": mean_std_ci([100 * r["linear_probe_top1"] for r in rs])[0],
             "knn": mean_std_ci([100 * r["knn_top1"] for r in rs])[0],
+            "target_std": mean_std_ci([r.get("final_target_std", float("nan")) for r in rs])[0],
             "collapsed": sum(bool(r["collapsed"]) for r in rs), "at_chance": sum(bool(r["at_chance"]) for r in rs),
             "failed": sum(str(r["status"]).startswith("failed") or "failed" in str(r["status"]) for r in groups[v]),
             "alias_of": sorted({r["alias_of"].rsplit("_seed", 1)[0] for r in groups[v] if r.get("alias_of")}),
@@ -96,13 +97,27 @@ def _fmt(x: float, nd: int = 2) -> str:
     return "–" if x != x else f"{x:.{nd}f}"
 
 
+def _collapse_warning(summary: list[dict]) -> list[str]:
+    """Numbers that lie: a collapsed pre-training or a chance-level fine-tune is said up front."""
+    n = sum(s["n"] for s in summary)
+    collapsed, chance = sum(s["collapsed"] for s in summary), sum(s["at_chance"] for s in summary)
+    if not (collapsed or chance):
+        return []
+    who = ", ".join(s["variant"] for s in summary if s["collapsed"] or s["at_chance"])
+    return [f"**⚠ {collapsed} of {n} finished trials collapsed** (target feature spread < 0.1) and {chance} "
+            f"fine-tuned to within 5 points of chance ({who}): their top-1 measures a failed pre-training, "
+            f"not the ablated component.", ""]
+
+
 def markdown(summary: list[dict], title: str) -> str:
     lines = [f"# {title}", "",
              "Fine-tuned top-1 (%) over seeds: mean ± std, 95 % CI half-width (Student t), Δ vs baseline; "
              "`*` marks a Δ larger than the combined 95 % intervals. Proxies: linear probe and k-NN top-1 "
-             "on frozen pre-trained features.", "",
-             "| variant | what changed | top-1 | ± 95 % CI | Δ | n | linear probe | k-NN | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "on frozen pre-trained features. Target spread: std of the momentum targets across patches at "
+             "the end of pre-training, the collapse indicator (< 0.1 = collapsed).", "",
+             *_collapse_warning(summary),
+             "| variant | what changed | top-1 | ± 95 % CI | Δ | n | linear probe | k-NN | target spread | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         notes = []
         if s["alias_of"]:
@@ -116,8 +131,10 @@ def markdown(summary: list[dict], title: str) -> str:
         if s["n"] < s["planned"] and not s["failed"]:
             notes.append(f"{s['planned'] - s['n']} unfinished")
         delta = "0" if s["variant"] == "baseline" else (_fmt(s["delta"]) + ("*" if s["significant"] else ""))
-        lines.append(f"| {s['variant']} | {s['changed']} | {_fmt(s['mean'])} ± {_fmt(s['std'])} | {_fmt(s['ci95'])} | "
-                     f"{delta} | {s['n']} | {_fmt(s['linear_probe'])} | {_fmt(s['knn'])} | {'; '.join(notes)} |")
+        flag = " ⚠ COLLAPSED" if s["collapsed"] else (" ⚠ AT CHANCE" if s["at_chance"] else "")
+        lines.append(f"| {s['variant']} | {s['changed']} | {_fmt(s['mean'])} ± {_fmt(s['std'])}{flag} | {_fmt(s['ci95'])} | "
+                     f"{delta} | {s['n']} | {_fmt(s['linear_probe'])} | {_fmt(s['knn'])} | {_fmt(s['target_std'], 3)} | "
+                     f"{'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +170,6 @@ def make_report(source: str | Path, tracking_uri: Optional[str] = None, out_dir:
         state = json.loads((src / "sweep.json").read_text()) if (src / "sweep.json").exists() else {}
         out_dir = out_dir or src
     else:
-        from conmim import tracking  # noqa: F401
         uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
         rows, title, state = rows_from_mlflow(str(source), uri), str(source), {}
         out_dir = out_dir or Path(".")

@@ -15,11 +15,13 @@ from typing import Any, Optional
 
 from conmim import tracking
 from conmim.config import ConfigError, ExperimentConfig, canonical_hash
-from conmim.sweep_config import Sweep, Trial
+from conmim.sweep_config import Sweep, Trial, check_storage
 
 FINAL_METRICS = ("finetune_top1", "finetune_val_top1", "linear_probe_top1", "knn_top1", "final_pretrain_loss",
                  "final_target_std")
 TIMINGS = ("pretrain_seconds", "probe_seconds", "finetune_seconds", "wall_seconds")
+STOP_MARKER = ".stopping"   # written by the driver when SIGINT/SIGTERM stops the sweep
+NODE_TAG = "conmim.node_id"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,13 +29,7 @@ TIMINGS = ("pretrain_seconds", "probe_seconds", "finetune_seconds", "wall_second
 # ---------------------------------------------------------------------------------------------
 def preflight(sweep: Sweep, resume: bool) -> None:
     d = sweep.dir
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / ".write-test"
-        probe.write_bytes(b"x" * 1024)
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"storage: cannot write the sweep folder {d} ({e.strerror}); choose a writable 'storage'.") from None
+    check_storage(d, sweep.spec.min_free_gb)  # writable, and not (nearly) full
     if (d / "sweep.json").exists() and not resume:
         raise ConfigError(f"{sweep.path}: a sweep named '{sweep.spec.name}' already exists in {d}; "
                           f"continue it with --resume, or change 'name' or 'storage'.")
@@ -96,6 +92,10 @@ def run_one_trial(params: dict, info: dict) -> None:
             "ray.trial_id": tune.get_context().get_trial_id(), **({"conmim.git_commit": info["git"]} if info.get("git") else {})}
     run = tracking.child_run(uri, info["experiment_id"], info["parent_run_id"], name, tags)
     run_id = run.info.run_id
+    stopping = sweep_dir / STOP_MARKER
+    if stopping.exists() and run.info.status != "FINISHED":  # started while the driver was stopping
+        tracking.end_run(uri, run_id, "KILLED", f"sweep stopped ({stopping.read_text().strip() or 'signal'})")
+        return
     result_file = out / "result.json"
     if run.info.status == "FINISHED" and result_file.exists():
         # finished before a driver crash: report it again, do not train twice
@@ -103,13 +103,15 @@ def run_one_trial(params: dict, info: dict) -> None:
         tune.report({k: res.get(k) for k in FINAL_METRICS} | {"status": "finished"})
         return
     tracking.log_params(uri, run_id, tracking.redact_params(cfg.flat()))
-    cfg_file = out / "config.yaml"
-    cfg_file.write_text(cfg.to_yaml())
-    tracking.retry(tracking.client(uri).log_artifact, run_id, str(cfg_file))
-    callbacks = [TuneReportCallback(), tracking.EpochLogger(uri, run_id)]
+    tracking.log_config(uri, run_id, cfg.to_dict(), out / "config.yaml")  # credentials masked
+    pending = out / tracking.PENDING_FILE  # per-epoch metrics wait here while MLflow is unreachable
+    callbacks = [TuneReportCallback(), tracking.EpochLogger(uri, run_id, pending)]
     try:
         res = run_trial(cfg, out, callbacks=callbacks)
     except (TrainRunFailed, DivergedError) as e:
+        if stopping.exists():  # the workers went down with the sweep: killed, not failed
+            tracking.end_run(uri, run_id, "KILLED", f"sweep stopped ({stopping.read_text().strip() or 'signal'})")
+            return
         reason = str(e)
         _write_json(out / "failed.json", {"reason": reason, "time": time.time()})
         tracking.end_run(uri, run_id, "FAILED", reason)
@@ -123,7 +125,10 @@ def run_one_trial(params: dict, info: dict) -> None:
     final = {k: res[k] for k in FINAL_METRICS} | {k: res[k] for k in TIMINGS if k in res}
     final["collapsed"] = float(res["collapsed"])
     final["at_chance"] = float(res["at_chance"])
+    tracking.flush_pending(uri, run_id, pending)  # waits for a server that went down mid-trial
     tracking.log_metrics(uri, run_id, final, step=cfg.pretrain.epochs + cfg.finetune.epochs)
+    if res.get("node_id"):
+        tracking.retry(tracking.client(uri).set_tag, run_id, NODE_TAG, res["node_id"])
     if res["collapsed"] or res["at_chance"]:
         tracking.retry(tracking.client(uri).set_tag, run_id, "conmim.warning",
                        "collapsed pre-training" if res["collapsed"] else "fine-tuned top-1 at chance")
@@ -145,7 +150,7 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
         out = sweep_dir / "trials" / t["name"]
         row = {"trial": t["name"], "variant": t["variant"], "seed": t["seed"], "note": t.get("note", ""),
                "overrides": json.dumps(t["overrides"], sort_keys=True, default=str), "alias_of": t["alias_of"] or "",
-               "canonical_hash": t["key"], "status": "pending", "reason": ""}
+               "canonical_hash": t["key"], "status": "pending", "reason": "", "node_id": ""}
         for k in FINAL_METRICS + TIMINGS:
             row[k] = float("nan")
         row["collapsed"], row["at_chance"] = False, False
@@ -153,7 +158,8 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
             if (out / "result.json").exists():
                 res = json.loads((out / "result.json").read_text())
                 row.update({k: res.get(k, float("nan")) for k in FINAL_METRICS + TIMINGS})
-                row.update(status="finished", collapsed=bool(res.get("collapsed")), at_chance=bool(res.get("at_chance")))
+                row.update(status="finished", collapsed=bool(res.get("collapsed")), at_chance=bool(res.get("at_chance")),
+                           node_id=res.get("node_id") or "")
             elif (out / "failed.json").exists():
                 row.update(status="failed", reason=json.loads((out / "failed.json").read_text())["reason"])
             done[t["name"]] = row
@@ -161,7 +167,7 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
     for row in rows:  # an alias carries the numbers of the trial it is the same experiment as
         if row["alias_of"]:
             src = done.get(row["alias_of"], {})
-            for k in FINAL_METRICS + ("collapsed", "at_chance"):
+            for k in FINAL_METRICS + ("collapsed", "at_chance", "node_id"):
                 row[k] = src.get(k, row[k])
             row["status"] = f"alias ({src.get('status', 'pending')})"
     return rows
@@ -227,6 +233,55 @@ def _scheduler(sweep: Sweep):
                          max_t=max(max_t, a.grace_period + 1), time_attr="training_iteration")
 
 
+class SweepStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the sweep's driver; ``signame`` says which."""
+
+    def __init__(self, signame: str):
+        super().__init__(signame)
+        self.signame = signame
+
+
+class _SignalStop:
+    """SIGINT (Ctrl-C) and SIGTERM (``ray job stop``, which sends SIGKILL a grace period later)
+    raise ``SweepStopped`` in the driver, so one code path ends the trials' runs and the parent
+    run as KILLED. The marker file tells trials still running that the sweep is going down."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, marker: Path):
+        self.marker, self.signame, self.stopping, self.saved = marker, None, False, {}
+
+    def install(self) -> None:
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            prev = signal.signal(sig, self._handle)
+            self.saved.setdefault(sig, prev)
+
+    def restore(self) -> None:
+        import signal
+        for sig, prev in self.saved.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self.saved = {}
+
+    def _handle(self, signum, frame):
+        import signal
+        name = signal.Signals(signum).name
+        if self.stopping:
+            print(f"[conmim] {name}: already stopping, ending the MLflow runs", flush=True)
+            return
+        self.stopping, self.signame = True, name
+        print(f"[conmim] {name}: stopping the sweep; its trials' MLflow runs end as KILLED", flush=True)
+        try:
+            self.marker.write_text(name)
+        except OSError:
+            pass
+        raise SweepStopped(name)
+
+
 def run_sweep(sweep: Sweep, resume: bool = False, address: Optional[str] = None, report: bool = True) -> dict:
     """Run (or resume) a sweep; returns counts by status. Bad input raises ConfigError first."""
     preflight(sweep, resume)
@@ -253,13 +308,20 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: Optional[str] = None,
     # Per-epoch reports carry pre-training/fine-tuning curves; the searcher's final metric comes
     # only with the trial's last report, which Tune's strict check would refuse.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    ensure_ray(address)
-    from ray import tune
-    r = sweep.spec.resources
-    trainable = tune.with_resources(tune.with_parameters(run_one_trial, info=info), {"cpu": 0.5})
-    tune_dir = d / "tune"
+    # Ctrl-C (SIGINT) and `ray job stop` (SIGTERM) stop the sweep alike, through _SignalStop below.
+    # Tune's own SIGINT handler would instead end the loop quietly and return as if it had finished.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    (d / STOP_MARKER).unlink(missing_ok=True)
+    stop = _SignalStop(d / STOP_MARKER)
     status = "FINISHED"
     try:
+        stop.install()
+        ensure_ray(address)
+        stop.install()  # again: ray.init sets a SIGTERM handler of its own (sys.exit)
+        from ray import tune
+        r = sweep.spec.resources
+        trainable = tune.with_resources(tune.with_parameters(run_one_trial, info=info), {"cpu": 0.5})
+        tune_dir = d / "tune"
         if resume and tune.Tuner.can_restore(str(tune_dir / "sweep")):
             tuner = tune.Tuner.restore(str(tune_dir / "sweep"), trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -281,7 +343,10 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: Optional[str] = None,
         status = "KILLED"
         raise
     finally:
-        reason = {"KILLED": "sweep interrupted (Ctrl-C)", "FAILED": "sweep failed"}.get(status, "trial stopped early by the scheduler")
+        stop.stopping = True  # a second signal must not cut the bookkeeping short
+        killed = f"sweep stopped ({stop.signame}{', e.g. ray job stop' if stop.signame == 'SIGTERM' else ''})" \
+            if stop.signame and stop.signame != "SIGINT" else "sweep interrupted (Ctrl-C)"
+        reason = {"KILLED": killed, "FAILED": "sweep failed"}.get(status, "trial stopped early by the scheduler")
         tracking.close_open_children(uri, exp_id, parent_id, "KILLED" if status != "FAILED" else "FAILED", reason)
         write_results(d)
         if report and status != "KILLED":
@@ -290,7 +355,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: Optional[str] = None,
                 make_report(d)
             except Exception as e:  # noqa: BLE001 - the sweep's results are safe on disk either way
                 print(f"[report] could not write the report: {e}")
-        tracking.end_run(uri, parent_id, status)
+        tracking.end_run(uri, parent_id, status, reason if status == "KILLED" else None)
+        stop.restore()
     rows = json.loads(json.dumps(collect_rows(d), default=str))
     counts: dict[str, int] = {}
     for row in rows:

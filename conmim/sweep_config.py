@@ -17,7 +17,7 @@ from conmim.config import (ConfigError, ExperimentConfig, build, canonical_hash,
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class BaseSpec(Strict):
@@ -90,6 +90,15 @@ class SweepConfig(Strict):
     mlflow: MlflowSpec = MlflowSpec()
     storage: str = "./ray_results"
     max_failures: int = Field(0, ge=0, description="Tune retries of a crashed trial")
+    min_free_gb: float = Field(1.0, ge=0, description="refuse to start when the storage filesystem has less free space")
+
+    @field_validator("name")
+    @classmethod
+    def _name_stays_inside_storage(cls, v):
+        if v in (".", "..") or ".." in v:
+            raise ValueError(f"'name' = {v!r} may not be '.' or '..' or contain '..': it names the sweep's "
+                             f"folder inside 'storage' and may not point outside it")
+        return v
 
     @field_validator("grid")
     @classmethod
@@ -128,6 +137,35 @@ class SweepConfig(Strict):
         return BaseSpec(config=self.base) if isinstance(self.base, str) else self.base
 
 
+def check_storage(d: Path, min_free_gb: float) -> None:
+    """Pre-flight of the sweep folder: it can be created and written, and its filesystem has at
+    least ``min_free_gb`` free (checkpoints, Ray state and results go there); else ConfigError."""
+    import shutil
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".write-test"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"storage: cannot write the sweep folder {d} ({e.strerror or e}); "
+                          f"choose a writable 'storage'.") from None
+    free = shutil.disk_usage(d).free
+    if free < min_free_gb * 1e9:
+        raise ConfigError(f"storage: only {free / 1e9:.2f} GB free on the filesystem of {d}, below min_free_gb = "
+                          f"{min_free_gb:g}; free some space, choose another 'storage', or lower 'min_free_gb'.")
+
+
+def safe_child(root: Path, *parts: str) -> Path:
+    """``root/parts...``, refused (ConfigError) when a part would lead outside ``root``: names
+    taken from configs ('..', absolute paths, separators) cannot make the project write elsewhere."""
+    root = Path(root).resolve()
+    path = root.joinpath(*parts).resolve()
+    if path != root and root not in path.parents or path == root and parts:
+        raise ConfigError(f"{'/'.join(parts)!r} leads outside {root}; names used as folders may not contain "
+                          f"'..' or '/' or be absolute.")
+    return path
+
+
 @dataclass
 class Trial:
     name: str                  # variant (+ grid values) + seed: the MLflow run name
@@ -158,7 +196,7 @@ class Sweep:
 
     @property
     def dir(self) -> Path:
-        return Path(self.spec.storage).resolve() / self.spec.name
+        return safe_child(Path(self.spec.storage).resolve(), self.spec.name)
 
     @property
     def tracking_uri(self) -> str:
@@ -193,6 +231,15 @@ def _apply_sets(sweep_path: str, sets: list[str]) -> dict:
     raw = read_yaml(sweep_path)
     for item in sets:
         key, value = parse_override(item)
+        if key.startswith("base.set."):
+            # base.set holds dotted experiment keys: "base.set.data.root=X" sets the key "data.root"
+            if isinstance(raw.get("base"), str):
+                raw["base"] = {"config": raw["base"]}
+            base = raw.setdefault("base", {})
+            if not isinstance(base, dict):
+                raise ConfigError(f"--set {item}: 'base' is not a section of the sweep file")
+            base.setdefault("set", {})[key[len("base.set."):]] = value
+            continue
         node = raw
         parts = key.split(".")
         for p in parts[:-1]:
@@ -211,11 +258,14 @@ def load_sweep(path: str, sets: list[str] | None = None) -> Sweep:
     try:
         spec = SweepConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, f"{path} (sweep)").replace("experiment", "sweep")) from None
+        raise ConfigError(format_validation_error(e, f"{path} (sweep)", SweepConfig)) from None
     base_src = spec.base_spec.config
     if not Path(base_src).is_absolute() and (Path(path).parent / base_src).exists():
         base_src = str(Path(path).parent / base_src)
-    base_raw, base_label = load_source(base_src)
+    try:
+        base_raw, base_label = load_source(base_src)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base: {e}") from None
     # every override key must exist in the experiment schema, named with its variant
     for key in spec.base_spec.set:
         set_dotted({}, key, None, label=f"{path}: base.set")

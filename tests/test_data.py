@@ -13,7 +13,7 @@ def test_fashion_mnist_splits_are_fixed_and_disjoint():
     cfg = load_config("tiny", ["data.subset=1000", "data.eval_subset=500"])
     s = load_splits(cfg.data)
     assert (len(s["train"]), len(s["val"]), len(s["test"])) == (1000, 500, 500)
-    full = load_splits(load_config("tiny", ["data.subset=null"]).data)
+    full = load_splits(load_config("tiny", ["data.subset=null", "data.val_size=5000"]).data)
     assert len(full["train"]) == 55000 and len(full["val"]) == 5000 and len(full["test"]) == 10000
     x = s["train"].batch(np.arange(4), 28)
     assert x.dtype == torch.uint8 and x.shape == (4, 3, 28, 28)  # grayscale served as 3 channels
@@ -36,7 +36,7 @@ def test_parquet_prepare_and_load_roundtrip(tmp_path):
     out = tmp_path / "fm.parquet"
     res = CliRunner().invoke(main, ["data", "prepare", "fashion-mnist", str(out), "--limit", "300"])
     assert res.exit_code == 0, res.output
-    cfg = load_config("tiny", [f"data.name=parquet", f"data.root={out}", "data.val_size=50"])
+    cfg = load_config("tiny", ["data.name=parquet", f"data.root={out}", "data.val_size=50"])
     s = load_splits(cfg.data)
     ref = load_splits(load_config("tiny", ["data.subset=null"]).data)
     assert len(s["test"]) == 300 and len(s["train"]) + len(s["val"]) == 300
@@ -51,7 +51,7 @@ def test_imagefolder_decodes_and_crops_per_image(tmp_path):
             d = tmp_path / split / f"class{ref.labels[i]}"
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(ref.pixels[i, 0].numpy()).resize((37, 45)).save(d / f"{i}.png")
-    cfg = load_config("tiny", [f"data.name=imagefolder", f"data.root={tmp_path}", "data.val_size=5"])
+    cfg = load_config("tiny", ["data.name=imagefolder", f"data.root={tmp_path}", "data.val_size=5"])
     s = load_splits(cfg.data)
     assert not s["train"].fixed_size and len(s["test"]) == 40
     crop = PerImageCrop(0, 0, 28, (0.3, 1.0), (0.75, 1.33), 0.5, crng.GEOMETRY)

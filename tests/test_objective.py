@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conmim.objective import denoising_contrast_loss, target_spread
 from conmim.pretrain import ConMIM

@@ -1,0 +1,288 @@
+"""Sweeps on an existing Ray cluster, through the Ray Jobs API.
+
+``conmim sweep FILE --address http://HEAD:8265`` ships this project (``runtime_env`` working_dir,
+without virtualenvs, results, databases, data or git history) and runs
+``python -m conmim.cli sweep FILE ...`` on the cluster as a Ray job: the job's driver finds the
+cluster through ``RAY_ADDRESS``, which Ray sets for it. The logs are streamed back; Ctrl-C stops
+following them and leaves the job running. ``conmim jobs status|logs|stop`` act on a job by id.
+
+Ray's token authentication stays on: the client sends the cluster's token, read the way Ray
+reads it (``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``)."""
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import os
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from conmim.config import ConfigError
+
+# Never shipped: virtualenvs, results, tracking stores, data and git history.
+ROOT_EXCLUDES = (".venv", "venv", "runs", "ray_results", "mlruns", "mlartifacts", "data", ".git", ".pytest_cache",
+                 "build", "dist")
+ANYWHERE_EXCLUDES = ("__pycache__", "*.db", "*.db-journal", "*.egg-info", "*.pyc", "*.pt", "*.pth", "*.ckpt",
+                     "checkpoints", "mlruns*")
+# The same rules in Ray's (gitignore) syntax, for the runtime_env as well.
+RUNTIME_ENV_EXCLUDES = [f"/{n}/" for n in ROOT_EXCLUDES] + [f"{p}" for p in ANYWHERE_EXCLUDES]
+JOB_DIR = ".conmim-job"        # where a sweep file from outside the project travels
+STOP_WAIT_S = 30               # SIGTERM -> SIGKILL grace of `ray job stop`: time to end the MLflow runs
+
+
+class JobsError(RuntimeError):
+    """Cluster unreachable, refused (authentication) or unknown job: one message, exit 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------------------------
+def read_token() -> Optional[str]:
+    """The cluster's token, from where Ray itself looks (the first that is set)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    candidates = [Path(path).expanduser()] if path else [Path.home() / ".ray" / "auth_token"]
+    for p in candidates:
+        try:
+            token = p.read_text().strip()
+        except OSError:
+            continue
+        if token:
+            return token
+    return None
+
+
+def normalize_address(address: str) -> str:
+    """The dashboard's HTTP address (what ``ray job submit --address`` takes)."""
+    address = address.strip().rstrip("/")
+    if address.startswith("ray://"):
+        raise JobsError(f"--address {address}: give the Ray dashboard's address (http://HEAD:8265), "
+                        "not a Ray Client address; jobs are submitted over the dashboard's HTTP API.")
+    if "://" not in address:
+        address = f"http://{address}"
+    return address
+
+
+def client(address: str):
+    """A ``JobSubmissionClient`` that carries the cluster's token."""
+    from ray.job_submission import JobSubmissionClient
+    address = normalize_address(address)
+    token = read_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError (401/403), ValueError
+        hint = "" if token else (" No Ray token was found: set RAY_AUTH_TOKEN_PATH to the cluster's token file "
+                                 "(cluster/README.md, 'Security').")
+        raise JobsError(f"--address {address}: cannot use the Ray Jobs API there ({_first_line(e)}).{hint}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _call(fn: Callable, *a, what: str):
+    try:
+        return fn(*a)
+    except RuntimeError as e:
+        raise JobsError(f"{what}: {_first_line(e)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# What is shipped
+# ---------------------------------------------------------------------------------------------
+def project_root() -> Path:
+    """The folder holding this project (a checkout), else just the installed package."""
+    import conmim
+    pkg = Path(conmim.__file__).resolve().parent
+    return pkg.parent if (pkg.parent / "pyproject.toml").exists() else pkg
+
+
+def _ignore(root: Path):
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        out = {n for n in names if any(fnmatch.fnmatch(n, p) for p in ANYWHERE_EXCLUDES)}
+        if Path(folder).resolve() == root:
+            out |= {n for n in names if n in ROOT_EXCLUDES}
+        return out
+    return ignore
+
+
+@contextmanager
+def staged_project(sweep_file: str):
+    """A copy of the project to ship, and the sweep file's path inside it.
+
+    A sweep file inside the project travels at its own relative path; one from elsewhere (and a
+    base experiment file next to it) is copied into ``.conmim-job/``."""
+    root = project_root()
+    tmp = Path(tempfile.mkdtemp(prefix="conmim-job-"))
+    try:
+        work = tmp / "conmim"
+        checkout = (root / "pyproject.toml").exists()
+        if checkout:
+            shutil.copytree(root, work, ignore=_ignore(root), symlinks=False)
+        else:  # an installed package only: ship the package
+            shutil.copytree(root, work / "conmim", ignore=_ignore(root))
+        src = Path(sweep_file).resolve()
+        try:
+            if not checkout:
+                raise ValueError("no checkout")
+            rel = src.relative_to(root)
+            if any(fnmatch.fnmatch(part, p) for part in rel.parts for p in ANYWHERE_EXCLUDES) or \
+                    rel.parts[0] in ROOT_EXCLUDES:
+                raise ValueError("excluded")
+            entry = rel.as_posix()
+        except ValueError:
+            entry = _stage_outside_file(src, work / JOB_DIR)
+        yield work, entry
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stage_outside_file(src: Path, job_dir: Path) -> str:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    raw = yaml.safe_load(src.read_text()) or {}
+    base = raw.get("base")
+    base_src = base.get("config") if isinstance(base, dict) else base
+    if isinstance(base_src, str) and not Path(base_src).is_absolute() and (src.parent / base_src).is_file():
+        dest = job_dir / Path(base_src).name
+        shutil.copyfile(src.parent / base_src, dest)
+        if isinstance(base, dict):
+            base["config"] = dest.name
+        else:
+            raw["base"] = dest.name
+    dest = job_dir / src.name
+    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return f"{JOB_DIR}/{src.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def _data_checked_on_cluster():
+    """Client-side validation checks everything but dataset paths: the data lives on the cluster."""
+    import conmim.config as config
+    saved = config.check_data_paths
+    config.check_data_paths = lambda cfg, label: None
+    try:
+        yield
+    finally:
+        config.check_data_paths = saved
+
+
+def check_cluster_sweep(sweep) -> None:
+    """Outputs of a cluster sweep must land where every node (and you) can reach them."""
+    spec = sweep.spec
+    if not Path(spec.storage).is_absolute():
+        raise ConfigError(f"{sweep.path}: storage is '{spec.storage}', a path relative to the job's temporary "
+                          "working directory on the cluster; give an absolute path on a filesystem every node "
+                          "mounts, e.g. --set storage=/mnt/shared/ray_results (cluster/README.md, 'Storage').")
+    uri = spec.mlflow.tracking_uri
+    if not uri:
+        raise ConfigError(f"{sweep.path}: mlflow.tracking_uri is not set, so each run would go to an SQLite file in "
+                          "the job's temporary working directory; point it at the shared MLflow server, e.g. "
+                          "--set mlflow.tracking_uri=http://HEAD:5000 (cluster/mlflow-server.sh).")
+    if uri.startswith("sqlite:") and not uri.startswith("sqlite:////"):
+        raise ConfigError(f"{sweep.path}: mlflow.tracking_uri {uri} is relative; use the shared MLflow server "
+                          "(http://...) or an absolute sqlite:////path on a shared filesystem.")
+
+
+def entrypoint(sweep_entry: str, sets: tuple[str, ...] | list[str], resume: bool) -> str:
+    args = ["python", "-m", "conmim.cli", "sweep", sweep_entry]
+    for s in sets:
+        args += ["--set", s]
+    if resume:
+        args.append("--resume")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def submit_sweep(sweep_file: str, sets: tuple[str, ...], resume: bool, address: str,
+                 echo: Callable[[str], None] = print) -> tuple[object, str]:
+    """Validate here, ship the project, submit; returns (client, job id). Bad input: ConfigError."""
+    from conmim.sweep_config import load_sweep
+    with _data_checked_on_cluster():
+        sweep = load_sweep(sweep_file, list(sets))
+    check_cluster_sweep(sweep)
+    jc = client(address)
+    job_id = f"conmim-{sweep.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    with staged_project(sweep_file) as (work, entry):
+        runtime_env = {
+            "working_dir": str(work),
+            "excludes": RUNTIME_ENV_EXCLUDES,
+            "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)},
+        }
+        cmd = entrypoint(entry, sets, resume)
+        _call(lambda: jc.submit_job(entrypoint=cmd, submission_id=job_id, runtime_env=runtime_env,
+                                    metadata={"conmim.sweep": sweep.spec.name}),
+              what=f"submitting to {normalize_address(address)}")
+    echo(f"submitted Ray job {job_id} to {normalize_address(address)}\n  entrypoint: {cmd}")
+    return jc, job_id
+
+
+def hints(job_id: str, address: str) -> str:
+    a = shlex.quote(address)
+    return (f"  follow: conmim jobs logs {job_id} --follow --address {a}\n"
+            f"  status: conmim jobs status {job_id} --address {a}\n"
+            f"  stop:   conmim jobs stop {job_id} --address {a}")
+
+
+def follow(jc, job_id: str, write: Callable[[str], None]) -> str:
+    """Stream the job's logs until it ends; returns its final status (a string)."""
+    async def tail():
+        async for chunk in jc.tail_job_logs(job_id):
+            write(chunk)
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - a dropped connection: fall back to polling
+        write(f"\n[conmim] log stream closed ({_first_line(e)}); waiting for the job to end\n")
+    return wait(jc, job_id, timeout=None)
+
+
+def wait(jc, job_id: str, timeout: Optional[float]) -> str:
+    deadline = None if timeout is None else time.time() + timeout
+    while True:
+        status = _call(jc.get_job_status, job_id, what=f"job {job_id}")
+        if status.is_terminal() or (deadline is not None and time.time() > deadline):
+            return getattr(status, "value", str(status))
+        time.sleep(1)
+
+
+def status(address: str, job_id: str) -> dict:
+    jc = client(address)
+    info = _call(jc.get_job_info, job_id, what=f"job {job_id}")
+    return {"job": job_id, "status": str(info.status.value), "message": info.message or "",
+            "entrypoint": info.entrypoint,
+            "start_time": _ts(info.start_time), "end_time": _ts(info.end_time),
+            "driver_exit_code": info.driver_exit_code}
+
+
+def _ts(ms: Optional[int]) -> Optional[str]:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else None
+
+
+def logs(address: str, job_id: str, follow_logs: bool, write: Callable[[str], None] = sys.stdout.write) -> Optional[str]:
+    jc = client(address)
+    if follow_logs:
+        return follow(jc, job_id, write)
+    write(_call(jc.get_job_logs, job_id, what=f"job {job_id}"))
+    return None
+
+
+def stop(address: str, job_id: str, timeout: float = 60) -> str:
+    """Ask the job to stop (SIGTERM to its driver, which ends the trials' MLflow runs as KILLED;
+    SIGKILL after ``STOP_WAIT_S``) and wait until it has; returns the final status."""
+    jc = client(address)
+    _call(jc.stop_job, job_id, what=f"job {job_id}")
+    return wait(jc, job_id, timeout)
