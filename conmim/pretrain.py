@@ -134,11 +134,15 @@ def _loader_crop(cfg, epoch):
     return PerImageCrop(cfg.seed, epoch, cfg.model.img_size, a.crop_scale, a.crop_ratio, a.flip_p, crng.GEOMETRY)
 
 
-def _let_controller_see_last_checkpoint() -> None:
-    """Before an injected death: Ray Train's controller registers a reported checkpoint when it
-    next polls the workers, so a worker dying a fraction of a second after reporting restarts from
-    the checkpoint before. Real epochs last minutes; tiny test epochs last a second."""
+def _injected_death(marker: Path, what: str, die) -> None:
+    """A fault injected once (the marker survives the restart). It waits first: Ray Train's
+    controller registers a reported checkpoint when it next polls the workers, so a worker dying a
+    fraction of a second after reporting restarts from the checkpoint before. Real epochs last
+    minutes; tiny test epochs last a second."""
     time.sleep(5)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(what + "\n")
+    die()
 
 
 def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
@@ -234,16 +238,12 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
             sums += torch.tensor([step_loss, 1.0, float(spread), float(gn)], dtype=torch.float64)
             if cfg.debug.log_steps:
                 step_losses.append(step_loss)
-            if cfg.debug.crash_at_step is not None and step == cfg.debug.crash_at_step and not crash_marker.exists():
-                _let_controller_see_last_checkpoint()
-                crash_marker.parent.mkdir(parents=True, exist_ok=True)
-                crash_marker.write_text(f"worker {session.rank} died at step {step}\n")
-                os._exit(13)  # a real process death, not an exception Ray could catch
-            if cfg.debug.kill_at_step is not None and step == cfg.debug.kill_at_step and not kill_marker.exists():
-                _let_controller_see_last_checkpoint()
-                kill_marker.parent.mkdir(parents=True, exist_ok=True)
-                kill_marker.write_text(f"worker {session.rank} pid {os.getpid()} SIGKILLed at step {step}\n")
-                os.kill(os.getpid(), signal.SIGKILL)  # what `kill -9` or the OOM killer does
+            if step == cfg.debug.crash_at_step and not crash_marker.exists():
+                _injected_death(crash_marker, f"worker {session.rank} died at step {step}",
+                                lambda: os._exit(13))  # a real process death, not an exception Ray could catch
+            if step == cfg.debug.kill_at_step and not kill_marker.exists():
+                _injected_death(kill_marker, f"worker {session.rank} pid {os.getpid()} SIGKILLed at step {step}",
+                                lambda: os.kill(os.getpid(), signal.SIGKILL))  # as `kill -9` or the OOM killer
         epoch += 1
         metrics = {
             "epoch": epoch, "step": step,
