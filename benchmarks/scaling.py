@@ -47,6 +47,15 @@ def main():
               f"{r['probe_seconds']:.1f} s, fine-tune {r['finetune_seconds']:.1f} s); fine-tuned top-1 "
               f"{r['finetune_top1']:.4f}, linear probe {r['linear_probe_top1']:.4f}, k-NN {r['knn_top1']:.4f}", flush=True)
     print(f"Ray Train overhead: {ray_wall - inproc:.1f} s = {100 * (ray_wall - inproc) / ray_wall:.1f} % of the trial")
+    # the two parts of it: starting and stopping the Train run (controller, worker group, imports in
+    # fresh processes), a fixed cost; and the loop itself running slower or faster inside a worker
+    fixed = ray_wall - _compute(b)
+    print(f"  start/stop of the Train run: {fixed:.1f} s; training loop on Ray minus in-process: "
+          f"{_compute(b) - _compute(a):+.1f} s ({100 * (_compute(b) / _compute(a) - 1):+.1f} %)")
+
+
+def _compute(r):
+    return r["pretrain_seconds"] + r["probe_seconds"] + r["finetune_seconds"]
 
 
 def len_train(cfg):

@@ -1,6 +1,6 @@
 """Where a sweep's wall time goes, for the `tiny` family of presets.
 
-    python benchmarks/sweep_overhead.py [--preset demo] [--trials 4] [--set key=value ...]
+    python benchmarks/sweep_overhead.py [--preset demo] [--trials 4] [--concurrency 1] [--set key=value ...]
 
 Runs a real sweep (local Ray, MLflow in a temporary SQLite file) of N trials and prints:
 * overhead share: 1 - (sum of the trials' pre-training, probe and fine-tuning seconds) /
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--from", dest="sweep_dir", default=None, help="a finished sweep's folder: no new run")
     ap.add_argument("--wall", type=float, help="with --from: the sweep's wall seconds")
-    ap.add_argument("--concurrency", type=int, default=1, help="with --from: max_concurrent_trials it ran with")
+    ap.add_argument("--concurrency", type=int, default=1, help="max_concurrent_trials (with --from: the one it ran with)")
     ap.add_argument("--threads", type=int, default=1, help="with --from: threads per trial")
     args = ap.parse_args()
     if args.sweep_dir:
@@ -40,6 +40,10 @@ def main():
     sets = dict(s.split("=", 1) for s in args.set)
     spec = {"name": "overhead", "base": {"config": args.preset, "set": {k: yaml.safe_load(v) for k, v in sets.items()}},
             "seeds": list(range(args.trials)), "storage": str(tmp / "ray_results"),
+            # trials at a time share the cores: one CPU (thread) per trial's worker each
+            "resources": {"max_concurrent_trials": args.concurrency,
+                          **({"cpus_per_worker": max(1, (os.cpu_count() or 1) // args.concurrency)}
+                             if args.concurrency > 1 else {})},
             "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}}
     (tmp / "s.yaml").write_text(yaml.safe_dump(spec))
     sweep = load_sweep(str(tmp / "s.yaml"))

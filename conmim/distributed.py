@@ -15,6 +15,11 @@ from typing import Optional
 from conmim.config import ExperimentConfig
 
 RAY_DEFAULT_ENV = {"RAY_TRAIN_V2_ENABLED": "1"}
+# For a Ray that ensure_ray starts on this machine, inherited by all its processes. The helper
+# actors these switch off each cost a Python process importing Ray Train (~2 s of a core on a
+# laptop) per Train run, and guard against what cannot happen here: a preempted cloud node, a
+# controller that dies while the cluster lives on (a local Ray dies with its driver).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "CONMIM_LOCAL_RAY": "1"}
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -31,6 +36,8 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    for k, v in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(k, v)
     # A trial's function plus its Train workers need more logical CPUs than a 2-core laptop has;
     # they time-share the cores, which is what the user asked for by running here.
     ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), object_store_memory=200 * 1024 ** 2,
@@ -92,15 +99,34 @@ def run_name(out: Path, phase: str) -> str:
     return f"{phase}-{hashlib.sha1(str(out).encode()).hexdigest()[:10]}"
 
 
+def _trainer_class():
+    """``TorchTrainer`` without the helper actors a local run does not need (see LOCAL_RAY_ENV).
+
+    The datasets helper is skipped always (no Ray Datasets are passed; it would start an idle
+    actor per run); the placement-group cleaner only on a local Ray."""
+    from ray.train.torch import TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray version: the stock trainer, helpers and all
+        return TorchTrainer
+    skip = (DatasetsCallback,) + ((PlacementGroupCleanerCallback,) if os.environ.get("CONMIM_LOCAL_RAY") else ())
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, skip)]
+    return LeanTorchTrainer
+
+
 def _trainer(fn, cfg: ExperimentConfig, out: Path, phase: str, storage: Optional[str], extra: dict | None = None,
              callbacks: list | None = None):
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
     r = cfg.resources
     per_worker = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         per_worker["GPU"] = r.gpus_per_worker
-    return TorchTrainer(
+    return _trainer_class()(
         fn,
         train_loop_config={"experiment": cfg.to_dict(), "out": str(out), **(extra or {})},
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import time
@@ -44,7 +45,6 @@ def retry(fn, *a, tries: int = 8, **kw):
 
 def check_reachable(uri: str) -> None:
     """Fail fast (before Ray starts) when the tracking store cannot be reached."""
-    import os
     if uri.startswith(("http://", "https://")):
         import urllib.request
         try:
@@ -75,8 +75,19 @@ def redact_uri(uri: str) -> str:
 def _secret_env_values() -> list[str]:
     """Values of environment variables whose names look secret (MLFLOW_TRACKING_TOKEN, AWS_SECRET_ACCESS_KEY,
     MLFLOW_TRACKING_PASSWORD, ...): a config value that contains one is masked."""
-    import os
-    return sorted((v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= 6), key=len, reverse=True)
+    return sorted((v for k, v in environ_copy().items() if SECRET_KEY.search(k) and len(v) >= 6), key=len, reverse=True)
+
+
+def environ_copy() -> dict[str, str]:
+    """A copy of os.environ. MLflow's telemetry thread sets and unsets a variable of its own
+    (_MLFLOW_TELEMETRY_SESSION_ID) at any time; iterating os.environ while it does raised
+    KeyError and failed whole trials, so copy, and copy again if a variable vanished mid-copy."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return {k: v for k in list(os.environ) if (v := os.environ.get(k)) is not None}
 
 
 def redact_text(s: str) -> str:
@@ -216,7 +227,6 @@ PENDING_FILE = "mlflow-pending.jsonl"  # in the trial folder: metric points MLfl
 def fail_fast():
     """MLflow's HTTP client retries a refused connection for minutes (7 tries, backoff 2 s...120 s);
     while training, a report must not wait that long: one try, 10 s timeout, then buffer."""
-    import os
     keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(keys)
@@ -268,7 +278,6 @@ def flush_pending(uri: str, run_id: str, pending: Path, wait_s: Optional[float] 
     """At the end of a trial: send the buffered metric points, waiting up to ``wait_s`` seconds
     (default ``$CONMIM_MLFLOW_WAIT`` or 600) for the server. Raises TrackingUnavailable, naming the
     file that keeps the points, when it does not come back in time."""
-    import os
     lines = _pending_lines(pending)
     if not lines:
         return 0

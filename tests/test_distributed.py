@@ -31,6 +31,11 @@ def test_two_workers_match_one_worker_with_sync_bn(ray_session, small, tmp_path)
     # (weights of the one-worker run are not compared: parameters whose gradient is ~0, e.g. the
     # final LayerNorm bias before the projector's BatchNorm, take AdamW's sign-like steps on
     # round-off, even in float64; the losses above are the observable that must agree)
+    # the local Ray ran both Train runs without the helper actors a single machine does not need
+    from ray.util.state import list_actors
+    started = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert "TrainController" in started and "RayTrainWorker" in started, started
+    assert not started & {"PlacementGroupCleaner", "DatasetManager", "PreemptionWatcher"}, started
 
 
 def test_worker_deaths_resume_from_checkpoint_with_schedules_intact(ray_session, small, tmp_path):

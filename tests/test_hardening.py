@@ -328,6 +328,29 @@ def test_redact_params_cases(key, value, shown):
     assert tracking.redact_params({key: value})[key] == shown
 
 
+def test_redaction_survives_another_thread_changing_the_environment(monkeypatch):
+    """MLflow's telemetry thread sets and unsets a variable at any time; iterating os.environ
+    meanwhile raised KeyError in a trial's redaction and failed the trial (seen in a sweep)."""
+    import threading
+    from conmim import tracking
+    monkeypatch.setenv("CONMIM_TEST_API_TOKEN", "tok-0123456789")
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            os.environ["_CONMIM_CHURN"] = "1"
+            os.environ.pop("_CONMIM_CHURN", None)
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        deadline = time.time() + 2
+        while time.time() < deadline:
+            assert tracking.redact_params({"data.root": "s3://b/tok-0123456789/x"})["data.root"] == "s3://b/***/x"
+    finally:
+        stop.set()
+        t.join()
+
+
 # ---------------------------------------------------------------------------------------------
 # Servers bind to 127.0.0.1 unless the user passes a host; Ray's token authentication stays on
 # ---------------------------------------------------------------------------------------------
