@@ -102,7 +102,7 @@ def run_one_trial(params: dict, info: dict) -> None:
         res = json.loads(result_file.read_text())
         tune.report({k: res.get(k) for k in FINAL_METRICS} | {"status": "finished"})
         return
-    tracking.log_params(uri, run_id, tracking.redact_params(cfg.flat()))
+    tracking.log_params(uri, run_id, cfg.flat())
     tracking.log_config(uri, run_id, cfg.to_dict(), out / "config.yaml")  # credentials masked
     pending = out / tracking.PENDING_FILE  # per-epoch metrics wait here while MLflow is unreachable
     callbacks = [TuneReportCallback(), tracking.EpochLogger(uri, run_id, pending)]

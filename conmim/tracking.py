@@ -80,13 +80,9 @@ def _secret_env_values() -> list[str]:
 
 def environ_copy() -> dict[str, str]:
     """A copy of os.environ. MLflow's telemetry thread sets and unsets a variable of its own
-    (_MLFLOW_TELEMETRY_SESSION_ID) at any time; iterating os.environ while it does raised
-    KeyError and failed whole trials, so copy, and copy again if a variable vanished mid-copy."""
-    for _ in range(10):
-        try:
-            return dict(os.environ)
-        except (KeyError, RuntimeError):
-            continue
+    (_MLFLOW_TELEMETRY_SESSION_ID) at any time; ``dict(os.environ)`` reads each listed name
+    again and raised KeyError for one that vanished meanwhile, failing whole trials. Listing the
+    names is atomic, and ``get`` skips a name that is gone."""
     return {k: v for k in list(os.environ) if (v := os.environ.get(k)) is not None}
 
 
@@ -185,7 +181,8 @@ def child_run(uri: str, exp_id: str, parent_id: str, trial_name: str, tags: dict
                  tags={"mlflow.parentRunId": parent_id, TRIAL_TAG: trial_name, ROLE_TAG: "trial", **redact_tags(tags)})
 
 
-def log_params(uri: str, run_id: str, params: dict[str, str]) -> None:
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log ``params`` (credentials masked here, so callers pass the plain config) not yet on the run."""
     from mlflow.entities import Param
     c = client(uri)
     existing = retry(c.get_run, run_id).data.params
