@@ -43,7 +43,7 @@ def top1(model: nn.Module, images, cfg: ExperimentConfig, session: Session, batc
 
 def finetune_checkpoint_state(cfg: ExperimentConfig, session: Session) -> dict | None:
     """The fine-tuning checkpoint this session restarts from, if any."""
-    return resumable(session.latest_checkpoint(), cfg, session, "finetune")
+    return resumable(cfg, session, "finetune")
 
 
 def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None, carry: dict | None = None) -> dict:

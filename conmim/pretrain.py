@@ -92,11 +92,13 @@ def save_checkpoint(path: Path, cfg: ExperimentConfig, net: ConMIM, opt, epoch: 
     return path
 
 
-def resumable(ckpt: Path | None, cfg: ExperimentConfig, session: Session, phase: str) -> dict | None:
-    """The checkpoint's state if it is of this phase of this very experiment, else None."""
-    if ckpt is None:
-        return None
-    state = torch.load(Path(ckpt) / "state.pt", map_location=session.device, weights_only=False)
+def resumable(cfg: ExperimentConfig, session: Session, phase: str) -> dict | None:
+    """The state of the session's latest checkpoint if it is of this phase of this very
+    experiment, else None."""
+    with session.latest_checkpoint() as ckpt:
+        if ckpt is None:
+            return None
+        state = torch.load(Path(ckpt) / "state.pt", map_location=session.device, weights_only=False)
     if state.get("phase", "pretrain") != phase:
         return None
     mine, theirs = cfg.to_dict(), dict(state.get("config") or {})
@@ -104,6 +106,7 @@ def resumable(ckpt: Path | None, cfg: ExperimentConfig, session: Session, phase:
     if mine != theirs:
         session.log(f"[resume] ignoring checkpoint {ckpt}: it was written for another configuration")
         return None
+    session.log(f"[{phase}] restarting from checkpoint {ckpt}")
     return state
 
 
@@ -181,10 +184,9 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     m_at = schedules.momentum(cfg.objective.momentum or 0.0, total)
 
     epoch, step = 0, 0
-    ckpt = session.latest_checkpoint()
     history: list[dict] = []
     resumed: dict = {}
-    state = resumable(ckpt, cfg, session, "pretrain")
+    state = resumable(cfg, session, "pretrain")
     if state is not None:
         net.online.load_state_dict(state["online"])
         if net.momentum is not None:
@@ -193,7 +195,7 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
         _set_rng_state(state["rng"])
         epoch, step = state["epoch"], state["step"]
         history = state["extra"].get("history", [])
-        session.log(f"[pretrain] resumed from {ckpt} at epoch {epoch}, step {step}")
+        session.log(f"[pretrain] resumed at epoch {epoch}, step {step}")
         resumed = {"resumed_from_step": step}  # reported with the next epoch: a restart is visible
 
     amp = torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=p.amp)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,9 @@ class Session:
     def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
         raise NotImplementedError
 
-    def latest_checkpoint(self) -> Optional[Path]:
+    def latest_checkpoint(self) -> Iterator[Optional[Path]]:
+        """``with session.latest_checkpoint() as d``: the folder of the checkpoint to restart
+        from (None if there is none), readable inside the block only."""
         raise NotImplementedError
 
     def log(self, line: str) -> None:
@@ -79,9 +81,10 @@ class LocalSession(Session):
             shutil.rmtree(dst, ignore_errors=True)
             tmp.rename(dst)  # atomic swap: a crash never leaves a half-written "latest"
 
+    @contextmanager
     def latest_checkpoint(self):
         p = self.ckpt_root / "latest"
-        return p if (p / "state.pt").exists() else None
+        yield p if (p / "state.pt").exists() else None
 
 
 class RaySession(Session):
@@ -95,20 +98,22 @@ class RaySession(Session):
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self._ckpt = ray.train.get_checkpoint()
-        self._ckpt_dir = None
 
     def report(self, metrics, checkpoint_dir=None):
         import ray.train
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
+    @contextmanager
     def latest_checkpoint(self):
         if self._ckpt is None:
-            return None
-        if self._ckpt_dir is None:
-            self._ckpt_dir = Path(tempfile.mkdtemp(prefix="conmim-restore-"))
-            self._ckpt.to_directory(str(self._ckpt_dir))
-        return self._ckpt_dir
+            yield None
+            return
+        # read in place from storage on a local or shared filesystem; from s3:// and the like, a
+        # temporary copy that Ray deletes after the block (a copy per restart would fill /tmp at
+        # paper scale, where a checkpoint is over a GB)
+        with self._ckpt.as_directory() as d:
+            yield Path(d)
 
 
 def set_threads(n: Optional[int]) -> None:

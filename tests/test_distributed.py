@@ -1,6 +1,8 @@
 """Ray Train: several workers give one process's answer, and a dead worker costs nothing."""
 import json
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +47,11 @@ def test_worker_deaths_resume_from_checkpoint_with_schedules_intact(ray_session,
     from conmim.distributed import run_trial
     cfg = small(pretrain__epochs=3, data__subset=256, pretrain__batch_size=64, pretrain__checkpoint_every=1,
                 debug__crash_at_step=6, debug__kill_at_step=10)  # 4 steps per epoch
+    before = set(Path(tempfile.gettempdir()).iterdir())
     res = run_trial(cfg, tmp_path)
+    # a restart reads its checkpoint where Ray stored it: no copy of it is left in the temp folder
+    copies = [p for p in set(Path(tempfile.gettempdir()).iterdir()) - before if p.is_dir() and any(p.rglob("state.pt"))]
+    assert not copies, copies
     assert "died at step 6" in (tmp_path / ".crash_injected").read_text()
     assert "SIGKILLed at step 10" in (tmp_path / ".kill_injected").read_text()
     h = res["pretrain_history"]
