@@ -24,7 +24,7 @@ def friendly_errors(fn):
     """Bad input -> one paragraph on stderr and exit code 2, never a traceback."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from conmim.data import DataMissing
+        from conmim.data_paths import DataMissing
         try:
             return fn(*a, **kw)
         except (ConfigError, DataMissing) as e:

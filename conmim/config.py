@@ -407,7 +407,7 @@ def load_config(source: str, overrides: list[str] | dict[str, Any] | None = None
 
 
 def check_data_paths(cfg: ExperimentConfig, label: str) -> None:
-    from conmim.data import missing_data_message
+    from conmim.data_paths import missing_data_message
     msg = missing_data_message(cfg.data)
     if msg:
         raise ConfigError(f"{label}: {msg}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,21 +23,14 @@ import numpy as np
 import torch
 
 from conmim import rng as crng
+from conmim.data_paths import (FASHION_MNIST_FILES, DataMissing, fashion_mnist_root, idx_path,
+                               missing_data_message)
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 FASHION_MNIST_STATS = ((0.2860,) * 3, (0.3530,) * 3)
 SPLIT_SEED = 20230101  # the train/val split never changes with the experiment's seed
-
-
-class DataMissing(FileNotFoundError):
-    pass
 
 
 @dataclass
@@ -122,43 +114,11 @@ class PerImageCrop:
 # ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
-def _idx_path(root: Path, name: str) -> Optional[Path]:
-    for cand in (root / f"{name}.gz", root / name, root / "FashionMNIST" / "raw" / f"{name}.gz",
-                 root / "FashionMNIST" / "raw" / name):
-        if cand.exists():
-            return cand
-    return None
-
-
 def _read_idx(path: Path) -> np.ndarray:
     raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def fashion_mnist_root(dcfg) -> Path:
-    return Path(dcfg.root or os.environ.get("CONMIM_FASHION_MNIST", FASHION_MNIST_DIR))
-
-
-def missing_data_message(dcfg) -> Optional[str]:
-    """None when the configured data can be read, else what is missing and how to get it."""
-    if dcfg.name == "fashion-mnist":
-        root = fashion_mnist_root(dcfg)
-        missing = [n for pair in FASHION_MNIST_FILES.values() for n in pair if _idx_path(root, n) is None]
-        if missing and not dcfg.download:
-            return (f"data.root: Fashion-MNIST not found in {root} (missing {missing[0]}.gz). Install it with "
-                    f"'apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or set data.root to a folder "
-                    f"holding the four *-ubyte.gz files, or set data.download=true on a machine with internet.")
-        return None
-    root = Path(dcfg.root)
-    if dcfg.name == "imagefolder":
-        if not (root / "train").is_dir():
-            return f"data.root: '{root}' has no train/ folder; imagefolder expects root/train/<class>/* and root/val/<class>/*."
-        return None
-    if not root.exists():
-        return f"data.root: parquet source '{root}' does not exist; write one with 'conmim data prepare fashion-mnist OUT.parquet'."
-    return None
 
 
 def _fashion_mnist(dcfg) -> dict[str, ImageSet]:
@@ -171,8 +131,8 @@ def _fashion_mnist(dcfg) -> dict[str, ImageSet]:
         torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
     out = {}
     for split, (img, lab) in FASHION_MNIST_FILES.items():
-        x = torch.from_numpy(_read_idx(_idx_path(root, img)).copy()).unsqueeze(1)
-        y = _read_idx(_idx_path(root, lab)).astype(np.int64)
+        x = torch.from_numpy(_read_idx(idx_path(root, img)).copy()).unsqueeze(1)
+        y = _read_idx(idx_path(root, lab)).astype(np.int64)
         out[split] = ImageSet(y, 10, *FASHION_MNIST_STATS, pixels=x)
     return out
 

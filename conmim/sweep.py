@@ -11,10 +11,11 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from conmim import tracking
 from conmim.config import ConfigError, ExperimentConfig, canonical_hash
+from conmim.results import write_json
 from conmim.sweep_config import Sweep, Trial, check_storage
 
 FINAL_METRICS = ("finetune_top1", "finetune_val_top1", "linear_probe_top1", "knn_top1", "final_pretrain_loss",
@@ -46,12 +47,6 @@ def _state(sweep: Sweep) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _trial_record(t: Trial) -> dict:
     return {"name": t.name, "variant": t.variant, "seed": t.seed, "overrides": t.overrides, "key": t.key,
             "alias_of": t.alias_of, "note": t.note, "config": t.config.to_dict()}
@@ -64,7 +59,6 @@ def run_one_trial(params: dict, info: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from conmim.distributed import TrainRunFailed, run_trial
-    from conmim.pretrain import DivergedError
 
     sweep_dir = Path(info["sweep_dir"])
     if "trial" in params:
@@ -80,7 +74,7 @@ def run_one_trial(params: dict, info: dict) -> None:
                "key": canonical_hash(cfg), "alias_of": None, "note": "sampled by Optuna", "config": cfg.to_dict()}
         out = sweep_dir / "trials" / name
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "trial.json", rec)
+        write_json(out / "trial.json", rec)
     out = sweep_dir / "trials" / name
     out.mkdir(parents=True, exist_ok=True)
     uri = info["tracking_uri"]
@@ -108,18 +102,18 @@ def run_one_trial(params: dict, info: dict) -> None:
     callbacks = [TuneReportCallback(), tracking.EpochLogger(uri, run_id, pending)]
     try:
         res = run_trial(cfg, out, callbacks=callbacks)
-    except (TrainRunFailed, DivergedError) as e:
+    except TrainRunFailed as e:  # a divergence (NaN loss) included
         if stopping.exists():  # the workers went down with the sweep: killed, not failed
             tracking.end_run(uri, run_id, "KILLED", f"sweep stopped ({stopping.read_text().strip() or 'signal'})")
             return
         reason = str(e)
-        _write_json(out / "failed.json", {"reason": reason, "time": time.time()})
+        write_json(out / "failed.json", {"reason": reason, "time": time.time()})
         tracking.end_run(uri, run_id, "FAILED", reason)
         tune.report({"status": "failed"})
         return
     except BaseException as e:  # noqa: BLE001 - record, then let Tune see the error
         reason = f"{type(e).__name__}: {e}"
-        _write_json(out / "failed.json", {"reason": reason, "time": time.time(), "traceback": traceback.format_exc()})
+        write_json(out / "failed.json", {"reason": reason, "time": time.time(), "traceback": traceback.format_exc()})
         tracking.end_run(uri, run_id, "FAILED", reason)
         raise
     final = {k: res[k] for k in FINAL_METRICS} | {k: res[k] for k in TIMINGS if k in res}
@@ -292,8 +286,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: Optional[str] = None,
     parent_id = tracking.parent_run(uri, exp_id, sweep.spec.name, state.get("parent_run_id"))
     state.update(name=sweep.spec.name, tracking_uri=uri, experiment=sweep.experiment, experiment_id=exp_id,
                  parent_run_id=parent_id, sweep_file=str(sweep.path.resolve()))
-    _write_json(d / "sweep.json", state)
-    _write_json(d / "trials.json", [_trial_record(t) for t in sweep.distinct + sweep.aliases])
+    write_json(d / "sweep.json", state)
+    write_json(d / "trials.json", [_trial_record(t) for t in sweep.distinct + sweep.aliases])
     aliases: dict[str, list[dict]] = {}
     for t in sweep.aliases:
         aliases.setdefault(t.alias_of, []).append({"name": t.name, "variant": t.variant, "seed": t.seed,

@@ -4,9 +4,7 @@
 workers. Both end in the same ``result.json``."""
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from conmim.evaluate import probes
 from conmim.finetune import finetune, finetune_checkpoint_state
 from conmim.model import MaskedViT
 from conmim.pretrain import load_encoder_state, pretrain
+from conmim.results import write_result
 from conmim.session import LocalSession, Session
 
 CHANCE_MARGIN = 0.05  # a top-1 within 5 points of chance counts as "at chance"
@@ -51,14 +50,6 @@ def summarize(cfg: ExperimentConfig, pre: dict | None, probe: dict, ft: dict, ti
     if pre and pre.get("step_losses"):
         res["step_losses"] = pre["step_losses"]
     return res
-
-
-def write_result(out: Path, result: dict) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    os.replace(tmp, out / "result.json")
-    return out / "result.json"
 
 
 def trial_phases(cfg: ExperimentConfig, pre_session: Session, ft_session: Session) -> tuple[dict, dict]:

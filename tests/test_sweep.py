@@ -1,8 +1,10 @@
 """Sweeps end to end: real Ray Tune + Ray Train, real MLflow, real Fashion-MNIST images."""
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pyarrow.parquet as pq
@@ -206,3 +208,27 @@ def test_bad_sweep_file_exits_2(tmp_path, text, key):
     p.write_text(text)
     res = CliRunner().invoke(main, ["sweep", str(p), "--dry-run"])
     assert res.exit_code == 2 and key in res.output, res.output
+
+
+def test_trial_process_never_loads_the_model_or_the_data(tmp_path):
+    """What a Tune trial's own process runs around ``fit()`` imports no torch, timm or dataset
+    code: the result record is made in the Train worker. A process per trial would otherwise pay
+    ~6 s of a core and ~250 MB for nothing. (``_trainer`` is stubbed: Ray's TorchTrainer, the
+    one thing there that needs torch, is Ray's to import.)"""
+    code = f"""
+import sys
+from pathlib import Path
+import conmim.distributed as d, conmim.sweep
+from conmim.config import load_config
+class Done:
+    return_value = {{"result": {{"finetune_top1": 0.5}}, "node_id": "n1"}}
+d._trainer = lambda *a, **k: None
+d._fit = lambda trainer: Done
+res = d.run_trial(load_config("tiny", []), Path({str(tmp_path)!r}))
+print(sorted({{"torch", "timm", "torchvision", "conmim.data", "conmim.trial", "conmim.model"}} & set(sys.modules)),
+      res["wall_seconds"] >= 0, res["node_id"])
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["[]", "True", "n1"], p.stdout
+    assert json.loads((tmp_path / "result.json").read_text())["finetune_top1"] == 0.5
