@@ -141,9 +141,18 @@ def experiment_id(uri: str, name: str) -> str:
             retry(c.restore_experiment, exp.experiment_id)
         return exp.experiment_id
     try:
-        return retry(c.create_experiment, name)
+        return retry(c.create_experiment, name, artifact_location=artifact_location(uri))
     except Exception:  # noqa: BLE001 - created concurrently
         return retry(c.get_experiment_by_name, name).experiment_id
+
+
+def artifact_location(uri: str) -> Optional[str]:
+    """A SQLite store keeps its artifacts beside the database file, so that the sweep's MLflow is
+    one folder to keep or delete (MLflow's own default is ./mlruns of whatever folder the
+    experiment happened to be created from). Servers and other stores decide for themselves."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+    return None
 
 
 def find_runs(uri: str, exp_id: str, filter_string: str) -> list:

@@ -232,3 +232,20 @@ print(sorted({{"torch", "timm", "torchvision", "conmim.data", "conmim.trial", "c
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.split() == ["[]", "True", "n1"], p.stdout
     assert json.loads((tmp_path / "result.json").read_text())["finetune_top1"] == 0.5
+
+
+def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
+    """A sweep's SQLite MLflow is one folder to keep or delete: artifacts go beside ``mlflow.db``,
+    not into ``./mlruns`` of whatever folder the sweep was started from."""
+    from conmim import tracking
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    uri = f"sqlite:///{db}"
+    exp = tracking.experiment_id(uri, "beside")
+    run = tracking.parent_run(uri, exp, "beside", None)
+    tracking.log_config(uri, run, {"seed": 0}, tmp_path / "config.yaml")
+    assert [p.name for p in (db.parent / "mlruns").rglob("config.yaml")] == ["config.yaml"]
+    assert not (elsewhere / "mlruns").exists()
