@@ -67,9 +67,7 @@ def _trial_worker(config: dict):
     """The whole trial in one Train run: one worker-group start instead of two."""
     from conmim.pretrain import DivergedError
     from conmim.session import RaySession, set_threads
-    from conmim.trial import trial_phases
-    from conmim.trial import result_of
-    t0 = time.time()
+    from conmim.trial import result_of, trial_phases
     cfg = ExperimentConfig.model_validate(config["experiment"])
     set_threads(_threads(cfg))
     session = RaySession(config["out"])
@@ -80,9 +78,9 @@ def _trial_worker(config: dict):
     import ray
     # The result record is made here, where torch, the model and the data are loaded anyway: the
     # process that called fit() (a Tune trial, one per trial) then never imports them (~6 s of a
-    # core and ~250 MB per trial on a laptop). node_id: where rank 0 ran (the last attempt's node
-    # when a restart moved it), for results.parquet and an MLflow tag.
-    return {"result": result_of(cfg, carry, ft, time.time() - t0), "node_id": ray.get_runtime_context().get_node_id()}
+    # core and ~250 MB per trial on a laptop); it adds the wall time around fit(). node_id: where
+    # rank 0 ran (the last attempt's node when a restart moved it), for results.parquet and a tag.
+    return {"result": result_of(cfg, carry, ft, wall=float("nan")), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _finetune_worker(config: dict):
