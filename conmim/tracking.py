@@ -52,8 +52,8 @@ def check_reachable(uri: str) -> None:
         except Exception as e:  # noqa: BLE001
             raise TrackingUnavailable(f"mlflow.tracking_uri: the MLflow server at {redact_uri(uri)} is not reachable "
                                       f"({e}); start it (cluster/mlflow-server.sh) or fix the URI.") from None
-    elif uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///"):]).parent
+    elif (db := sqlite_file(uri)) is not None:
+        parent = db.parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             why = "not a folder" if parent.exists() else "no such folder"
             raise TrackingUnavailable(f"mlflow.tracking_uri: cannot write the SQLite store in {parent} "
@@ -150,9 +150,13 @@ def artifact_location(uri: str) -> Optional[str]:
     """A SQLite store keeps its artifacts beside the database file, so that the sweep's MLflow is
     one folder to keep or delete (MLflow's own default is ./mlruns of whatever folder the
     experiment happened to be created from). Servers and other stores decide for themselves."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
-    return None
+    db = sqlite_file(uri)
+    return (db.resolve().parent / "mlruns").as_uri() if db is not None else None
+
+
+def sqlite_file(uri: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///`` tracking URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def find_runs(uri: str, exp_id: str, filter_string: str) -> list:
