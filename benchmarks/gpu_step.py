@@ -20,8 +20,12 @@ from torch.utils.flop_counter import FlopCounterMode
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
+        # global_pool="": the final LayerNorm is `norm` (with timm's default "avg" it would be the
+        # pooling head's fc_norm, and `norm` an Identity): the reference normalises every token
         self.vit = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, init_values=0.1,
-                                     use_shared_rel_pos_bias=True, use_abs_pos_emb=False, use_rel_pos_bias=False)
+                                     global_pool="", use_shared_rel_pos_bias=True, use_abs_pos_emb=False,
+                                     use_rel_pos_bias=False)
+        assert isinstance(self.vit.norm, nn.LayerNorm)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 768))
         self.proj = nn.Sequential(nn.Linear(768, 4096, bias=False), nn.BatchNorm1d(4096), nn.ReLU(True),
                                   nn.Linear(4096, 4096, bias=False), nn.BatchNorm1d(4096), nn.ReLU(True),

@@ -250,9 +250,11 @@ class BatchDataset(torch.utils.data.Dataset):
         raise TypeError
 
 
-def batches(fn, sampler: ShardedBatches, num_workers: int = 0):
+def batches(fn, sampler: ShardedBatches, num_workers: int = 0, pin_memory: bool = False):
+    """``pin_memory`` (for a GPU): page-locked batches, so that ``.to(device, non_blocking=True)``
+    really overlaps the copy with the step."""
     return torch.utils.data.DataLoader(BatchDataset(fn), sampler=sampler, batch_size=None,
-                                       num_workers=num_workers, persistent_workers=False)
+                                       num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory)
 
 
 def write_parquet(name: str, out: str, root: Optional[str] = None, limit: Optional[int] = None) -> int:

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conmim.model import autocast
 from conmim.transforms import EvalTransform
 
 
@@ -14,11 +15,14 @@ def extract(encoder: nn.Module, images, cfg, device, batch_size: int = 512) -> t
     """Mean-pooled patch tokens of the frozen encoder, [N, D] on the CPU."""
     encoder.eval()
     tf = EvalTransform(cfg.model.img_size, images.mean, images.std)
+    device = torch.device(device)
     out = []
     for i in range(0, len(images), batch_size):
         idx = np.arange(i, min(i + batch_size, len(images)))
-        x = tf(images.batch(idx, cfg.model.img_size)).to(device)
-        out.append(encoder(x)[:, 1:].mean(1).float().cpu())
+        x = tf(images.batch(idx, cfg.model.img_size)).to(device, non_blocking=True)
+        with autocast(device, cfg.pretrain.amp):
+            tokens = encoder(x)
+        out.append(tokens[:, 1:].float().mean(1).cpu())
     encoder.train()
     return torch.cat(out)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conmim import schedules
 from conmim.config import ExperimentConfig
 from conmim.data import ShardedBatches, batches, load_splits
-from conmim.model import Classifier, MaskedViT, param_groups
+from conmim.model import Classifier, MaskedViT, autocast, param_groups
 from conmim.pretrain import DivergedError, _rng_state, _set_rng_state, resumable
 from conmim.session import Session
 from conmim.transforms import EvalTransform, FinetuneTransform
@@ -31,13 +31,17 @@ def top1(model: nn.Module, images, cfg: ExperimentConfig, session: Session, batc
     model.eval()
     tf = EvalTransform(cfg.model.img_size, images.mean, images.std)
     idx = np.array_split(np.arange(len(images)), session.world)[session.rank]
-    correct = 0
+    counts = torch.zeros(2, dtype=torch.float64, device=session.device)  # correct, seen
     for i in range(0, len(idx), batch_size):
         j = idx[i: i + batch_size]
-        x = tf(images.batch(j, cfg.model.img_size)).to(session.device)
-        correct += (model(x).argmax(1).cpu() == torch.as_tensor(images.labels[j])).sum().item()
+        x = tf(images.batch(j, cfg.model.img_size)).to(session.device, non_blocking=True)
+        y = torch.as_tensor(images.labels[j]).to(session.device, non_blocking=True)
+        with autocast(session.device, cfg.pretrain.amp):
+            logits = model(x)
+        counts[0] += (logits.argmax(1) == y).sum()
+        counts[1] += len(j)
     model.train()
-    tot = session.all_reduce_sum(torch.tensor([correct, len(idx)], dtype=torch.float64))
+    tot = session.all_reduce_sum(counts)
     return (tot[0] / tot[1]).item()
 
 
@@ -56,15 +60,12 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
     torch.manual_seed(cfg.seed + 1)
     splits = load_splits(cfg.data)
     train = splits["train"]
-    encoder = MaskedViT(cfg.model, drop_path=f.drop_path)
+    encoder = MaskedViT(cfg.model, drop_path=f.drop_path, for_finetune=True)
     if encoder_state is not None:
-        encoder.load_state_dict(encoder_state)
+        encoder.load_pretrained(encoder_state)
     encoder.mask_token.requires_grad_(False)
     net = Classifier(encoder, train.num_classes).to(session.device)
-    model = net
-    if session.world > 1:
-        ids = [session.device.index] if session.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    model = session.ddp(net)
     opt = torch.optim.AdamW(param_groups(net, f.weight_decay, f.layer_decay, encoder), lr=f.lr)
     steps_per_epoch = len(ShardedBatches(len(train), f.batch_size, 0, 1, cfg.seed, 0))
     if steps_per_epoch == 0 and f.epochs:
@@ -106,13 +107,13 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
         epoch, step, history = state["epoch"], state["step"], state["history"]
         session.log(f"[finetune] resumed at epoch {epoch}")
 
-    amp = torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=cfg.pretrain.amp)
+    amp = autocast(session.device, cfg.pretrain.amp)
     while epoch < f.epochs:
         te = time.time()
         sampler = ShardedBatches(len(train), f.batch_size, session.rank, session.world, cfg.seed + 1, epoch)
         loss_sum, n = 0.0, 0
-        for x, y in batches(make, sampler, cfg.data.num_workers):
-            x, y = x.to(session.device), y.to(session.device)
+        for x, y in batches(make, sampler, cfg.data.num_workers, pin_memory=session.device.type == "cuda"):
+            x, y = x.to(session.device, non_blocking=True), y.to(session.device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = float(lr_at[step]) * g["lr_scale"]
             if mixup is not None:

@@ -12,12 +12,18 @@ import torch.nn as nn
 class MaskedViT(nn.Module):
     """Any timm ViT (``vit_*``/``deit_*``) or BEiT (``beit_*``) by name; masked patch embeddings
     are replaced by one learned mask token *before* the position embedding is added.
-    Returns all tokens [B, 1 + P, D] after the final norm (CLS first)."""
+    Returns all tokens [B, 1 + P, D] (CLS first), after the encoder's final LayerNorm as the
+    reference's pre-training model does.
 
-    def __init__(self, mcfg, drop_path: float = 0.0):
+    ``for_finetune`` builds the classification encoder of the reference's fine-tuning model:
+    no final per-token LayerNorm (mean pooling is followed by the classifier's own ``fc_norm``
+    instead), and a BEiT with a shared relative position bias gets one table per block, filled
+    from the shared one by :meth:`load_pretrained`, so each is decayed with its own block."""
+
+    def __init__(self, mcfg, drop_path: float = 0.0, for_finetune: bool = False):
         super().__init__()
         kw = dict(pretrained=False, num_classes=0, img_size=mcfg.img_size, patch_size=mcfg.patch_size,
-                  drop_path_rate=drop_path)
+                  drop_path_rate=drop_path, global_pool="")  # "": the final norm is `norm`, not `fc_norm`
         for k in ("embed_dim", "depth", "num_heads"):
             if getattr(mcfg, k) is not None:
                 kw[k] = getattr(mcfg, k)
@@ -25,10 +31,9 @@ class MaskedViT(nn.Module):
         if mcfg.layer_scale_init is not None:
             kw["init_values"] = mcfg.layer_scale_init
         if self.is_beit:
-            kw.update(use_shared_rel_pos_bias=mcfg.shared_rel_pos_bias, use_rel_pos_bias=False,
-                      use_abs_pos_emb=not mcfg.shared_rel_pos_bias)
-        else:
-            kw["global_pool"] = ""
+            shared = mcfg.shared_rel_pos_bias
+            kw.update(use_shared_rel_pos_bias=shared and not for_finetune, use_rel_pos_bias=shared and for_finetune,
+                      use_abs_pos_emb=not shared)
         try:
             self.vit = timm.create_model(mcfg.name, **kw)
         except RuntimeError as e:  # unknown model name
@@ -38,11 +43,30 @@ class MaskedViT(nn.Module):
         for name in ("fc_norm", "head", "head_drop", "attn_pool"):
             if isinstance(getattr(self.vit, name, None), nn.Module):
                 setattr(self.vit, name, nn.Identity())
+        if for_finetune:
+            self.vit.norm = nn.Identity()
         self.embed_dim = self.vit.embed_dim
         self.num_patches = self.vit.patch_embed.num_patches
         self.depth = len(self.vit.blocks)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def load_pretrained(self, state: dict) -> None:
+        """Load a pre-trained encoder's weights, as the reference's fine-tuning does: a shared
+        relative position bias table is copied into every block's own table, and the final
+        LayerNorm is dropped when this encoder has none (the classifier normalises after pooling)."""
+        state = dict(state)
+        shared = state.pop("vit.rel_pos_bias.relative_position_bias_table", None)
+        if shared is not None and self.vit.rel_pos_bias is None:
+            for i in range(self.depth):
+                state[f"vit.blocks.{i}.attn.relative_position_bias_table"] = shared.clone()
+            state.pop("vit.rel_pos_bias.relative_position_index", None)
+        elif shared is not None:
+            state["vit.rel_pos_bias.relative_position_bias_table"] = shared
+        if isinstance(self.vit.norm, nn.Identity):
+            for k in [k for k in state if k.startswith("vit.norm.")]:
+                del state[k]
+        self.load_state_dict(state)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         v = self.vit
@@ -87,7 +111,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         C = x.shape[1]
         xd = x.double()
         stats = torch.cat([xd.sum(0), (xd * xd).sum(0), xd.new_tensor([float(x.shape[0])])])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.is_available() and dist.is_initialized():  # (a one-rank group: the GPU check forces collectives)
             from torch.distributed.nn.functional import all_reduce
             stats = all_reduce(stats)
         n = stats[-1]
@@ -152,6 +176,11 @@ class MomentumEncoder(nn.Module):
         k = [p for p in self.net.parameters()]
         q = [p.detach() for p in online.parameters()]
         torch._foreach_lerp_(k, q, 1.0 - m)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` when ``enabled`` (bf16 needs no loss scaler)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 class Classifier(nn.Module):

@@ -17,7 +17,7 @@ from conmim import schedules
 from conmim.config import ExperimentConfig
 from conmim.data import ShardedBatches, batches, load_splits
 from conmim.masking import create_mask_generator, masks_for
-from conmim.model import EncoderWithProjector, MaskedViT, MomentumEncoder, Projector, param_groups
+from conmim.model import EncoderWithProjector, MaskedViT, MomentumEncoder, Projector, autocast, param_groups
 from conmim.objective import denoising_contrast_loss, target_spread
 from conmim.session import Session
 from conmim.transforms import TwoViewTransform
@@ -68,13 +68,16 @@ class ConMIM(nn.Module):
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])  # (drop-path draws on the GPU)
 
 
 def save_checkpoint(path: Path, cfg: ExperimentConfig, net: ConMIM, opt, epoch: int, step: int, extra: dict) -> Path:
@@ -98,7 +101,10 @@ def resumable(cfg: ExperimentConfig, session: Session, phase: str) -> dict | Non
     with session.latest_checkpoint() as ckpt:
         if ckpt is None:
             return None
-        state = torch.load(Path(ckpt) / "state.pt", map_location=session.device, weights_only=False)
+        # to the CPU: load_state_dict copies weights and optimiser state to their parameters'
+        # device, while the RNG states must stay CPU tensors (a GPU checkpoint read on a CPU
+        # and the reverse take the same path)
+        state = torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=False)
     if state.get("phase", "pretrain") != phase:
         return None
     mine, theirs = cfg.to_dict(), dict(state.get("config") or {})
@@ -127,7 +133,7 @@ def _epoch_batches(cfg: ExperimentConfig, train, transform, maskgen, grid: int, 
         mask = masks_for(maskgen, cfg.seed, ep, index)
         return masked_view, full_view, mask
 
-    return sampler, batches(make, sampler, cfg.data.num_workers)
+    return sampler, batches(make, sampler, cfg.data.num_workers, pin_memory=session.device.type == "cuda")
 
 
 def _loader_crop(cfg, epoch):
@@ -162,10 +168,9 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     model = net
     # Global BatchNorm all-reduces inside autograd; DDP's asynchronous bucket all-reduces would
     # interleave with those collectives, so with sync_bn the gradients are averaged after backward.
-    manual_sync = session.world > 1 and cfg.pretrain.sync_bn
-    if session.world > 1 and not manual_sync:
-        ids = [session.device.index] if session.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    manual_sync = session.collectives and cfg.pretrain.sync_bn
+    if not manual_sync:
+        model = session.ddp(net)
     if cfg.pretrain.compile:
         model = torch.compile(model)
 
@@ -198,7 +203,7 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
         session.log(f"[pretrain] resumed at epoch {epoch}, step {step}")
         resumed = {"resumed_from_step": step}  # reported with the next epoch: a restart is visible
 
-    amp = torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=p.amp)
+    amp = autocast(session.device, p.amp)
     step_losses = []
     crash_marker = session.out_dir / ".crash_injected"
     kill_marker = session.out_dir / ".kill_injected"
@@ -219,8 +224,7 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
                 loss_sum, spread = model(masked_view, full_view, mask, loss_mask)
             # Mean over all masked patches of the global batch: DDP averages gradients over
             # workers, so each worker scales its sum by world / global count.
-            stats = session.all_reduce_sum(torch.stack([loss_sum.detach().double().cpu(),
-                                                        torch.tensor(float(loss_mask.sum()), dtype=torch.float64)]))
+            stats = session.all_reduce_sum(torch.stack([loss_sum.detach().double(), loss_mask.sum().double()]))
             count = max(stats[1].item(), 1.0)
             loss = loss_sum * session.world / count
             if cfg.debug.nan_at_step is not None and step == cfg.debug.nan_at_step:

@@ -17,6 +17,9 @@ class Session:
     rank = 0
     world = 1
     device = torch.device("cpu")
+    # Run every collective (DDP, all-reduces, barriers) even in a one-process group: how the GPU
+    # check and the tests exercise the multi-worker code paths with a single rank.
+    force_collectives = False
 
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
@@ -24,6 +27,10 @@ class Session:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def collectives(self) -> bool:
+        return self.world > 1 or self.force_collectives
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
         raise NotImplementedError
@@ -37,16 +44,32 @@ class Session:
         if self.is_main:
             print(line, file=sys.stderr, flush=True)  # progress on stderr, results on stdout
 
-    # collective helpers that degrade to no-ops in one process
+    # Collective helpers; no-ops in one process unless forced. They take tensors on the training
+    # device: Ray Train gives GPU workers an NCCL-only process group, which has no backend for
+    # CPU tensors. (A 'cpu:gloo,cuda:nccl' group would take both, but then a statistic reduced
+    # on the CPU costs a device->host copy, a sync and a TCP round-trip per reduction, while on
+    # the device it stays in the GPU's stream.)
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
+        if t.device.type != self.device.type:
+            raise RuntimeError(f"all_reduce_sum got a tensor on {t.device}; this session's process group takes "
+                               f"tensors on {self.device} (NCCL has no backend for CPU tensors)")
+        if self.collectives:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def ddp(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` under DistributedDataParallel when collectives run, else itself."""
+        if not self.collectives:
+            return module
+        ids = None
+        if self.device.type == "cuda":
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     def average_gradients(self, params) -> None:
         """One flat all-reduce of every gradient, divided by the number of workers."""
         grads = [p.grad for p in params if p.grad is not None]
-        if self.world == 1 or not grads:
+        if not self.collectives or not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -57,17 +80,22 @@ class Session:
             offset += g.numel()
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.collectives:
             dist.barrier()
 
 
 class LocalSession(Session):
-    """One process; checkpoints in ``out_dir/checkpoints/<phase>/latest``."""
+    """One process; checkpoints in ``out_dir/checkpoints/<phase>/latest``. Inside a process group
+    started by the caller (``torch.distributed.init_process_group``) it takes its rank and size
+    from the group; ``force_collectives`` runs DDP and the all-reduces even with one rank."""
 
-    def __init__(self, out_dir, phase: str, device: str = "cpu"):
+    def __init__(self, out_dir, phase: str, device: str = "cpu", force_collectives: bool = False):
         super().__init__(out_dir)
         self.phase = phase
         self.device = torch.device(device)
+        self.force_collectives = force_collectives
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.ckpt_root = self.out_dir / "checkpoints" / phase
         self.history: list[dict] = []
 

@@ -1,0 +1,228 @@
+"""Paths that only a GPU run takes, checked on the CPU where the same mistake can be made:
+collectives on host tensors (an NCCL group rejects them), the reference's final LayerNorm for
+BEiT, the shared relative position bias untied for fine-tuning, checkpoints read onto another
+device, and benchmarks/gpu_check.py itself."""
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from conmim.config import load_config
+from conmim.data import load_splits
+from conmim.finetune import finetune
+from conmim.model import Classifier, MaskedViT, param_groups
+from conmim.pretrain import pretrain, resumable
+from conmim.session import LocalSession
+from conftest import REPO
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives take tensors on the session's device
+# ---------------------------------------------------------------------------------------------
+class HostTensor(torch.Tensor):
+    """A tensor that conmim's code put on the host: made without naming a device, or moved there
+    with ``.cpu()``. On a GPU worker it is a CPU tensor, which an NCCL group cannot reduce. The
+    subclass survives arithmetic (torch's default ``__torch_function__``), so a statistic built
+    from it is one too; ``.to(device)`` is the one way back."""
+
+
+def _called_from_conmim() -> bool:
+    # (module construction in conmim.model is left alone: weights move with the module's .to())
+    name = sys._getframe(2).f_globals.get("__name__", "")
+    return name.startswith("conmim") and name != "conmim.model"
+
+
+@contextmanager
+def host_tensors_marked():
+    """While active, tensors that conmim code makes on the host become :class:`HostTensor`."""
+    saved = {}
+
+    def factory(name):
+        fn = saved[name] = getattr(torch, name)
+
+        def make(*a, **kw):
+            t = fn(*a, **kw)
+            return t.as_subclass(HostTensor) if "device" not in kw and _called_from_conmim() else t
+        return make
+
+    def cpu(self, *a, **kw):
+        t = saved["cpu"](self, *a, **kw)
+        return t.as_subclass(HostTensor) if _called_from_conmim() else t
+
+    def to(self, *a, **kw):
+        t = saved["to"](self, *a, **kw)
+        names_device = any(isinstance(x, (str, torch.device)) for x in a) or "device" in kw
+        return t.as_subclass(torch.Tensor) if names_device and isinstance(t, HostTensor) else t
+
+    names = ("tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", "from_numpy")
+    patched = {n: factory(n) for n in names}
+    saved["cpu"], saved["to"] = torch.Tensor.cpu, torch.Tensor.to
+    try:
+        for n, f in patched.items():
+            setattr(torch, n, f)
+        torch.Tensor.cpu, torch.Tensor.to = cpu, to
+        yield
+    finally:
+        for n in names:
+            setattr(torch, n, saved[n])
+        torch.Tensor.cpu, torch.Tensor.to = saved["cpu"], saved["to"]
+
+
+class DeviceOnlySession(LocalSession):
+    """A one-rank process group with every collective forced on, whose all-reduce refuses what an
+    NCCL group refuses: tensors that are not on the training device."""
+
+    def __init__(self, out_dir, phase):
+        super().__init__(out_dir, phase, force_collectives=True)
+        self.reduced = 0
+
+    def all_reduce_sum(self, t):
+        if isinstance(t, HostTensor):
+            raise RuntimeError("No backend type associated with device type cpu (a host tensor reached a collective)")
+        self.reduced += 1
+        return super().all_reduce_sum(t)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_collectives_get_device_tensors_through_real_pretrain_and_finetune(small, tmp_path, one_rank_group):
+    cfg = small()
+    load_splits(cfg.data)  # the dataset cache is filled outside the marking, as a Ray worker's would be
+    pre_s, ft_s = DeviceOnlySession(tmp_path, "pretrain"), DeviceOnlySession(tmp_path, "finetune")
+    with host_tensors_marked():
+        pre = pretrain(cfg, pre_s)
+        assert isinstance(pre["net"], nn.Module)
+        encoder = pre["net"].encoder_for_finetune(cfg.finetune.encoder)
+        ft = finetune(cfg, ft_s, {k: v.detach().clone() for k, v in encoder.state_dict().items()})
+    assert pre_s.reduced >= 4 and ft_s.reduced == 2  # every step's loss statistics; test and val top-1
+    assert 0 < ft["finetune_top1"] <= 1 and pre["final_pretrain_loss"] > 0
+
+
+def test_the_marking_catches_a_host_tensor(tmp_path, one_rank_group):
+    s = DeviceOnlySession(tmp_path, "pretrain")
+    with host_tensors_marked():
+        x = torch.ones(3, device=s.device)
+        assert s.all_reduce_sum(x * 2).sum().item() == 6  # on the device: reduced
+        ns = {"__name__": "conmim.fake", "torch": torch, "x": x}
+        exec("a = x.cpu() + 1\nb = torch.tensor([1.0, 2.0]).double()", ns)  # noqa: S102 - code "from conmim"
+        for t in (ns["a"], ns["b"]):
+            with pytest.raises(RuntimeError, match="No backend type"):
+                s.all_reduce_sum(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# BEiT: the reference's final LayerNorm, and the shared relative position bias untied at fine-tuning
+# ---------------------------------------------------------------------------------------------
+BEIT_PRESETS = ["vit-b16-imagenet", "vit-s16-imagenet"]
+
+
+def _beit(preset, **over):
+    from conmim.config import build, load_source
+    raw, label = load_source(preset)
+    return build(raw, {"data.root": "/nonexistent", **over}, label=label, check_paths=False)
+
+
+@pytest.mark.parametrize("preset", BEIT_PRESETS)
+def test_beit_tokens_are_timms_forward_features_ending_in_layernorm(preset):
+    cfg = _beit(preset)
+    torch.manual_seed(0)
+    m = MaskedViT(cfg.model).eval()
+    last = []
+    for mod in m.modules():
+        if not list(mod.children()):
+            mod.register_forward_hook(lambda mod, i, o: last.append(mod))
+    x = torch.randn(1, 3, cfg.model.img_size, cfg.model.img_size)
+    with torch.no_grad():
+        ours, theirs = m(x), m.vit.forward_features(x)
+    assert isinstance(m.vit.norm, nn.LayerNorm) and isinstance(last[-1], nn.LayerNorm)
+    assert last[-1] is m.vit.norm
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_beit_finetuning_unties_the_shared_relative_position_bias(tmp_path):
+    cfg = _beit("vit-s16-imagenet", **{"model.img_size": 64, "model.depth": 3})
+    torch.manual_seed(0)
+    pre = MaskedViT(cfg.model)
+    shared = pre.vit.rel_pos_bias.relative_position_bias_table
+    with torch.no_grad():
+        shared.copy_(torch.randn_like(shared))
+    torch.save({"encoder": pre.state_dict()}, tmp_path / "ckpt.pt")  # written, read back as fine-tuning would
+    state = torch.load(tmp_path / "ckpt.pt", map_location="cpu")["encoder"]
+    ft = MaskedViT(cfg.model, drop_path=0.1, for_finetune=True)
+    ft.load_pretrained(state)
+    assert ft.vit.rel_pos_bias is None
+    tables = [blk.attn.relative_position_bias_table for blk in ft.vit.blocks]
+    for t in tables:
+        torch.testing.assert_close(t, shared, rtol=0, atol=0)
+    assert len({t.data_ptr() for t in tables}) == len(tables)  # copies, each its own parameter
+    # each table is decayed with its own block: scale decay^(L+1 - (i+1))
+    net = Classifier(ft, 10)
+    groups = param_groups(net, 0.05, cfg.finetune.layer_decay, ft)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    L = ft.depth
+    for i, t in enumerate(tables):
+        assert scale[id(t)] == pytest.approx(cfg.finetune.layer_decay ** (L + 1 - (i + 1)))
+    # parameter count: the pre-training encoder without its final norm and shared table, plus one table per block
+    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    D = pre.embed_dim
+    assert n(ft) == n(pre) - 2 * D - shared.numel() + L * shared.numel()
+
+
+def test_vit_finetuning_drops_the_final_norm_for_the_classifiers_own():
+    cfg = load_config("tiny", [])
+    pre, ft = MaskedViT(cfg.model), MaskedViT(cfg.model, for_finetune=True)
+    assert isinstance(pre.vit.norm, nn.LayerNorm) and isinstance(ft.vit.norm, nn.Identity)
+    ft.load_pretrained(pre.state_dict())  # the pre-trained norm is not expected by the classifier's encoder
+    torch.testing.assert_close(ft.vit.blocks[0].attn.qkv.weight, pre.vit.blocks[0].attn.qkv.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints land on the CPU first, whatever the training device
+# ---------------------------------------------------------------------------------------------
+def test_resume_state_is_read_onto_the_cpu_whatever_the_device(small, tmp_path):
+    cfg = small()
+    pretrain(cfg, LocalSession(tmp_path, "pretrain"))
+    # a session on another device (meta stands in for a GPU): the RNG state must stay a CPU byte
+    # tensor (torch.set_rng_state refuses anything else); weights go to their device on load
+    other = LocalSession(tmp_path, "pretrain", device="meta")
+    state = resumable(cfg, other, "pretrain")
+    assert state is not None
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from tensors(v)
+    devices = {t.device.type for t in tensors(state)}
+    assert devices == {"cpu"}
+    torch.set_rng_state(state["rng"]["torch"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU check itself runs (here with gloo on the CPU, the same code path but the device)
+# ---------------------------------------------------------------------------------------------
+def test_gpu_check_script_passes_on_the_cpu():
+    small = ["--set", "model.img_size=32", "--set", "model.patch_size=8", "--set", "model.embed_dim=64",
+             "--set", "model.depth=2", "--set", "model.num_heads=2", "--set", "model.projector_hidden=128",
+             "--set", "model.projector_out=32", "--set", "masking.min_block_patches=2", "--set", "data.num_workers=0"]
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--batch", "16",
+                        "--classes", "4", "--per-class", "16", *small], capture_output=True, text=True, timeout=600)
+    out = p.stdout
+    assert p.returncode == 0, out + p.stderr[-3000:]
+    for ph in ("pretrain", "probes", "finetune"):
+        assert f"PASS  {ph}" in out
+    assert "process group gloo (1 rank, collectives forced on)" in out and "final norm: LayerNorm" in out
+    assert out.strip().endswith("RESULT PASS")
