@@ -20,6 +20,26 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+# Metrics measured on the validation split, the only ones a search (optuna.metric, asha.metric)
+# may select on; every other metric (finetune_top1, linear_probe_top1, knn_top1, ...) is measured
+# on the test split. Add a new validation metric here.
+VALIDATION_METRICS = ("finetune_val_top1", "knn_proxy_top1")
+
+
+def _validation_metric(key: str, v: str) -> str:
+    if v not in VALIDATION_METRICS:
+        what = "is measured on the test split" if v in report_metrics() else "is not a known validation-split metric"
+        raise ValueError(f"{key} = {v!r} {what}, and a search may select only on validation data; "
+                         f"allowed: {', '.join(VALIDATION_METRICS)}")
+    return v
+
+
+def report_metrics() -> tuple[str, ...]:
+    """The metric columns of results.parquet a report can be made of (``report.metric``)."""
+    from conmim.sweep import FINAL_METRICS  # here, not at the top: conmim.sweep imports this module
+    return tuple(FINAL_METRICS)
+
+
 class BaseSpec(Strict):
     config: str = Field(description="a preset name or an experiment YAML file")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted overrides applied to every trial")
@@ -51,9 +71,14 @@ class Distribution(Strict):
 
 class OptunaSpec(Strict):
     num_samples: int = Field(8, ge=1)
-    metric: str = "finetune_top1"
+    metric: str = Field("finetune_val_top1", description=f"a validation-split metric: {', '.join(VALIDATION_METRICS)}")
     mode: Literal["max", "min"] = "max"
     space: dict[str, Distribution] = Field(default_factory=dict)
+
+    @field_validator("metric")
+    @classmethod
+    def _on_validation(cls, v):
+        return _validation_metric("optuna.metric", v)
 
 
 class AshaSpec(Strict):
@@ -61,6 +86,24 @@ class AshaSpec(Strict):
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, gt=1)
+
+    @field_validator("metric")
+    @classmethod
+    def _on_validation(cls, v):
+        return _validation_metric("asha.metric", v)
+
+
+class ReportSpec(Strict):
+    metric: str = Field("finetune_top1", description="the primary metric of `conmim report` (a column of results.parquet)")
+    baseline: str = Field("baseline", description="the variant every Δ is taken against, paired by seed")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v):
+        allowed = report_metrics()
+        if v not in allowed:
+            raise ValueError(f"report.metric = {v!r} is not a metric of results.parquet; allowed: {', '.join(allowed)}")
+        return v
 
 
 class SweepResources(Strict):
@@ -88,6 +131,7 @@ class SweepConfig(Strict):
     asha: AshaSpec = AshaSpec()
     resources: SweepResources = SweepResources()
     mlflow: MlflowSpec = MlflowSpec()
+    report: ReportSpec = ReportSpec()
     storage: str = "./ray_results"
     max_failures: int = Field(0, ge=0, description="Tune retries of a crashed trial")
     min_free_gb: float = Field(1.0, ge=0, description="refuse to start when the storage filesystem has less free space")
@@ -293,6 +337,10 @@ def load_sweep(path: str, sets: list[str] | None = None) -> Sweep:
                 name = f"{label}_seed{seed}"
                 sweep.trials.append(Trial(name, label, seed, overrides, cfg, key, seen.get(key), v.note))
                 seen.setdefault(key, name)
+    labels = list(dict.fromkeys(t.variant for t in sweep.trials))
+    if "baseline" in spec.report.model_fields_set and spec.search != "optuna" and spec.report.baseline not in labels:
+        raise ConfigError(f"{path} (sweep): invalid configuration: report.baseline = {spec.report.baseline!r} is not a "
+                          f"variant of this sweep; allowed: {', '.join(labels)}.")
     if spec.search == "optuna":
         # the sampled trials are created by Optuna at run time; the expansion holds the base only
         sweep.trials = [t for t in sweep.trials if t.variant == "baseline"][:1]

@@ -222,7 +222,7 @@ def test_sweep_as_ray_job_on_two_nodes(cluster, mlflow_server, tmp_path):
     path = _sweep_file(tmp_path, "twonodes", [], mlflow_server)
     spec = yaml.safe_load(path.read_text())
     spec.update(search="optuna", optuna={
-        "num_samples": 3, "metric": "finetune_top1", "mode": "max",
+        "num_samples": 3, "metric": "finetune_val_top1", "mode": "max",
         "space": {"objective.temperature": {"type": "loguniform", "low": 0.03, "high": 0.5},
                   "objective.momentum": {"type": "uniform", "low": 0.9, "high": 0.999}}})
     path.write_text(yaml.safe_dump(spec))
