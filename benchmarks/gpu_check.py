@@ -83,12 +83,12 @@ def main() -> int:
     a = ap.parse_args()
 
     from conmim.config import load_config
-    from conmim.evaluate import probes
-    from conmim.finetune import finetune
-    from conmim.pretrain import pretrain
-    from conmim.data import load_splits
-    from conmim.model import MaskedViT
-    from conmim.session import LocalSession
+    from conmim.data.sources import load_splits
+    from conmim.train.build import build_encoder
+    from conmim.train.evaluate import probes
+    from conmim.train.finetune import finetune
+    from conmim.train.pretrain import pretrain
+    from conmim.train.session import LocalSession
 
     cuda = a.device.startswith("cuda")
     if cuda:
@@ -114,7 +114,7 @@ def main() -> int:
     print(f"device   {torch.cuda.get_device_name(0) if cuda else 'cpu'}; torch {torch.__version__}; "
           f"process group {dist.get_backend()} (1 rank, collectives forced on)")
     print(f"model    {cfg.model.name} {cfg.model.img_size}² (final norm: "
-          f"{type(MaskedViT(cfg.model).vit.norm).__name__}), batch {a.batch}, bf16 autocast, "
+          f"{type(build_encoder(cfg).vit.norm).__name__}), batch {a.batch}, bf16 autocast, "
           f"{n_train} training JPEGs in {root}")
     results: list = []
     try:
@@ -123,7 +123,7 @@ def main() -> int:
         steps = n_train // a.batch
         pre = phase("pretrain", lambda: pretrain(cfg, pre_session), steps * a.batch, results)
         if pre is not None:
-            encoder = pre["net"].encoder_for_finetune(cfg.finetune.encoder)
+            encoder = pre["net"].encoder(cfg.finetune.encoder)
             loss = pre["final_pretrain_loss"]
             print(f"         loss {loss:.4f}, target spread {pre['final_target_std']:.3f}, "
                   f"k-NN proxy {pre['history'][-1].get('knn_proxy_top1', float('nan')):.3f}")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from conmim.config import load_config
-from conmim.distributed import ensure_ray, pretrain_phase, run_trial
+from conmim.run.ray_train import ensure_ray, pretrain_phase, run_trial
 from conmim.trial import run_in_process
 
 
@@ -37,10 +37,10 @@ def main():
 
     cfg = load_config(args.preset, args.set)
     t = time.time()
-    a = run_in_process(cfg, tmp / "inproc")
+    a = run_in_process(cfg, tmp / "inproc").to_json()
     inproc = time.time() - t
     t = time.time()
-    b = run_trial(cfg, tmp / "ray")
+    b = run_trial(cfg, tmp / "ray").to_json()
     ray_wall = time.time() - t
     for name, r, wall in (("in-process", a, inproc), ("Ray Train", b, ray_wall)):
         print(f"trial {name}: {wall:.1f} s wall (pre-train {r['pretrain_seconds']:.1f} s, probes "
@@ -59,7 +59,7 @@ def _compute(r):
 
 
 def len_train(cfg):
-    from conmim.data import load_splits
+    from conmim.data.sources import load_splits
     return len(load_splits(cfg.data)["train"])
 
 

@@ -16,13 +16,14 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conmim import schedules
+from conmim.train import schedules
 from conmim.config import load_config
-from conmim.data import ShardedBatches, load_splits
-from conmim.masking import create_mask_generator, masks_for
-from conmim.model import param_groups
-from conmim.pretrain import ConMIM
-from conmim.transforms import TwoViewTransform
+from conmim.data.sampler import ShardedBatches
+from conmim.data.sources import load_splits
+from conmim.data.masking import create_mask_generator, masks_for
+from conmim.method.vit import param_groups
+from conmim.train.build import build_conmim
+from conmim.data.transforms import TwoViewTransform
 
 
 def matmul_flops(n: int = 2048, reps: int = 10) -> float:
@@ -44,7 +45,7 @@ def main():
     cfg = load_config(args.preset, args.set)
     torch.manual_seed(0)
     train = load_splits(cfg.data)["train"]
-    net = ConMIM(cfg)
+    net = build_conmim(cfg)
     opt = torch.optim.AdamW(param_groups(net.online, 0.05), lr=1e-4)
     B = cfg.pretrain.batch_size
     tf = TwoViewTransform(cfg.augment, cfg.objective.perturbation, cfg.model.img_size, train.mean, train.std, cfg.seed)

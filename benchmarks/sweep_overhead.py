@@ -20,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from conmim.sweep import collect_rows, run_sweep
-from conmim.sweep_config import load_sweep
+from conmim.run.results import collect_rows
+from conmim.run.tune import run_sweep
+from conmim.config.expand import load_sweep
 
 
 def main():

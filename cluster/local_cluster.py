@@ -60,7 +60,7 @@ def client_env(d: Path, dashboard_port: int) -> dict[str, str]:
 
 
 def _node_env(d: Path) -> dict[str, str]:
-    from conmim.tracking import environ_copy  # safe while MLflow's telemetry thread edits os.environ
+    from conmim.tracking.redact import environ_copy  # safe while MLflow's telemetry thread edits os.environ
     env = {k: v for k, v in environ_copy().items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     bindir = str(Path(sys.executable).parent)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file(d)), RAY_USAGE_STATS_ENABLED="0",

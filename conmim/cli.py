@@ -24,7 +24,7 @@ def friendly_errors(fn):
     """Bad input -> one paragraph on stderr and exit code 2, never a traceback."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from conmim.data_paths import DataMissing
+        from conmim.config.data_paths import DataMissing
         try:
             return fn(*a, **kw)
         except (ConfigError, DataMissing) as e:
@@ -36,11 +36,10 @@ def _load(config: str, sets: tuple[str, ...]):
     return load_config(config, list(sets))
 
 
-def _print_result(result: dict, out: Path) -> None:
-    keys = ["finetune_top1", "linear_probe_top1", "knn_top1", "final_pretrain_loss", "final_target_std",
-            "pretrain_seconds", "probe_seconds", "finetune_seconds", "wall_seconds"]
-    click.echo(json.dumps({k: result.get(k) for k in keys}, indent=2))
-    click.echo(f"result: {out / 'result.json'}")
+def _print_result(result, out: Path) -> None:
+    from conmim.trial import RESULT_FILE
+    click.echo(json.dumps(result.summary(), indent=2))
+    click.echo(f"result: {out / RESULT_FILE}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,7 +85,7 @@ def train(config, sets, out, backend, address):
         from conmim.trial import run_in_process
         result = run_in_process(cfg, out)
     else:
-        from conmim.distributed import run_on_ray
+        from conmim.run.ray_train import run_on_ray
         result = run_on_ray(cfg, out, address=address)
     _print_result(result, out)
 
@@ -100,13 +99,12 @@ def pretrain(config, sets, out, backend, address):
     cfg = _load(config, sets)
     out = Path(out).resolve()
     if backend == "process":
-        from conmim.pretrain import pretrain as run
-        from conmim.session import LocalSession
-        res = run(cfg, LocalSession(out, "pretrain"))
-        ckpt = out / "checkpoints" / "pretrain" / "latest"
-        loss = res["final_pretrain_loss"]
+        from conmim.train.pretrain import pretrain as run
+        from conmim.train.session import LocalSession
+        session = LocalSession(out, "pretrain")
+        loss, ckpt = run(cfg, session)["final_pretrain_loss"], session.checkpoint_dir
     else:
-        from conmim.distributed import pretrain_on_ray
+        from conmim.run.ray_train import pretrain_on_ray
         ckpt, loss = pretrain_on_ray(cfg, out, address=address)
     click.echo(json.dumps({"final_pretrain_loss": loss, "checkpoint": str(ckpt)}, indent=2))
 
@@ -124,10 +122,13 @@ def finetune(config, checkpoint, sets, out, backend, address):
     if not (Path(checkpoint) / "state.pt").exists():
         raise UsageProblem(f"--checkpoint {checkpoint}: no state.pt inside; pass a folder written by 'conmim pretrain'.")
     if backend == "process":
-        from conmim.trial import finetune_from_checkpoint
-        res = finetune_from_checkpoint(cfg, checkpoint, out)
+        from conmim.train import checkpoint as ckpt
+        from conmim.train.finetune import finetune as run
+        from conmim.train.session import LocalSession
+        res = run(cfg, LocalSession(out, "finetune"), ckpt.encoder_weights(Path(checkpoint), cfg.finetune.encoder))
+        res.pop("finetune_history")
     else:
-        from conmim.distributed import finetune_on_ray
+        from conmim.run.ray_train import finetune_on_ray
         res = finetune_on_ray(cfg, Path(checkpoint).resolve(), out, address=address)
     click.echo(json.dumps(res, indent=2, default=float))
 
@@ -149,7 +150,7 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow):
 
     With --address the project is shipped to the cluster and the sweep runs there as a Ray job;
     Ctrl-C stops following its logs and leaves the job running (conmim jobs stop ends it)."""
-    from conmim.sweep_config import load_sweep, trial_table
+    from conmim.config.expand import load_sweep, trial_table
     if address and not dry_run:
         _submit_sweep(sweep_file, sets, resume, address, not no_follow)
         return
@@ -159,9 +160,9 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow):
         extra = f", Optuna samples: {sw.spec.optuna.num_samples}" if sw.spec.search == "optuna" else ""
         click.echo(f"\n{len(sw.trials)} trials: {len(sw.distinct)} distinct, {len(sw.aliases)} aliases{extra}")
         return
-    from conmim.sweep import run_sweep
+    from conmim.run.tune import run_sweep
     try:
-        counts = run_sweep(sw, resume=resume)
+        counts = run_sweep(sw, resume=resume, echo=click.echo)
     except KeyboardInterrupt as e:
         how = getattr(e, "signame", "SIGINT")  # SIGTERM: `ray job stop` / `conmim jobs stop`
         click.echo(f"\n{'interrupted' if how == 'SIGINT' else 'stopped (' + how + ')'}: trials stopped, their "
@@ -175,7 +176,7 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow):
 
 
 def _submit_sweep(sweep_file, sets, resume, address, follow_logs):
-    from conmim import jobs
+    from conmim.run import jobs
     try:
         jc, job_id = jobs.submit_sweep(sweep_file, sets, resume, address, echo=click.echo)
     except jobs.JobsError as e:
@@ -208,7 +209,7 @@ def jobs():
 
 
 def _jobs_call(fn, *a, **kw):
-    from conmim.jobs import JobsError
+    from conmim.run.jobs import JobsError
     try:
         return fn(*a, **kw)
     except JobsError as e:
@@ -220,7 +221,7 @@ def _jobs_call(fn, *a, **kw):
 @ADDRESS_OPTION
 def jobs_status(job_id, address):
     """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and details."""
-    from conmim import jobs as j
+    from conmim.run import jobs as j
     click.echo(json.dumps(_jobs_call(j.status, address, job_id), indent=2))
 
 
@@ -230,7 +231,7 @@ def jobs_status(job_id, address):
 @click.option("--follow", "-f", "follow_logs", is_flag=True, help="Keep streaming until the job ends.")
 def jobs_logs(job_id, address, follow_logs):
     """Print the job's driver output (the sweep's progress)."""
-    from conmim import jobs as j
+    from conmim.run import jobs as j
     try:
         final = _jobs_call(j.logs, address, job_id, follow_logs, lambda text: click.echo(text, nl=False))
     except KeyboardInterrupt:
@@ -246,7 +247,7 @@ def jobs_logs(job_id, address, follow_logs):
 @click.option("--timeout", default=90, show_default=True, help="Seconds to wait for the job to end.")
 def jobs_stop(job_id, address, timeout):
     """Stop the job: its driver gets SIGTERM and ends the trials' MLflow runs as KILLED."""
-    from conmim import jobs as j
+    from conmim.run import jobs as j
     final = _jobs_call(j.stop, address, job_id, timeout)
     click.echo(f"job {job_id}: {final}")
     if final not in ("STOPPED", "SUCCEEDED", "FAILED"):
@@ -280,12 +281,22 @@ def report(source, tracking_uri, out):
 def ui(sweep_file, tracking_uri, host, port):
     """Start the MLflow UI on the sweep's tracking store and print its address."""
     import subprocess
-    uri = tracking_uri
-    if uri is None and sweep_file:
-        from conmim.sweep_config import load_sweep
-        uri = load_sweep(sweep_file).tracking_uri
-    uri = uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-    click.echo(f"MLflow UI: http://{host}:{port}  (store: {uri}); Ctrl-C stops it")
+    from conmim.config.sweep import default_tracking_uri
+    from conmim.tracking.client import ui_links
+    from conmim.tracking.redact import redact_uri
+    uri, links = tracking_uri, []
+    if sweep_file:
+        from conmim.config.expand import load_sweep
+        sw = load_sweep(sweep_file, check_paths=False)
+        uri = uri or sw.tracking_uri
+        state = sw.dir / "sweep.json"
+        if state.exists():  # the sweep ran: its runs table and parent run, not MLflow's GenAI landing page
+            st = json.loads(state.read_text())
+            links = ui_links(f"http://{host}:{port}", st["experiment_id"], st.get("parent_run_id"))
+    uri = uri or default_tracking_uri()
+    click.echo(f"MLflow UI: http://{host}:{port}  (store: {redact_uri(uri)}); Ctrl-C stops it")
+    for label, url in links:
+        click.echo(f"  {label}: {url}")
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
     sys.exit(subprocess.call([mlflow_bin, "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]))
 
@@ -303,9 +314,10 @@ def data():
 @friendly_errors
 def data_prepare(dataset, out, root, limit):
     """Write DATASET as a Parquet file of PNG bytes, labels and split (usable as data.name=parquet)."""
-    from types import SimpleNamespace
-    from conmim.data import DataMissing, missing_data_message, write_parquet
-    msg = missing_data_message(SimpleNamespace(name=dataset, root=root, download=False))
+    from conmim.config.experiment import DataConfig
+    from conmim.config.data_paths import DataMissing, missing_data_message
+    from conmim.data.sources import write_parquet
+    msg = missing_data_message(DataConfig(name=dataset, root=root))
     if msg:
         raise DataMissing(msg)
     n = write_parquet(dataset, out, root, limit)

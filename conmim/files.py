@@ -1,5 +1,5 @@
-"""A trial's result on disk. JSON is written atomically: a crash leaves the old file or the new
-one, never half of one. Free of torch, like the Tune trial process that writes ``result.json``."""
+"""Files a run writes for others to read (result.json, sweep.json, trials.json, failed.json),
+written atomically: a crash leaves the old file or the new one, never half of one. Torch-free."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,3 @@ def write_json(path: Path, data: Any, default: Callable[[Any], Any] = str) -> Pa
     tmp.write_text(json.dumps(data, indent=2, default=default))
     os.replace(tmp, path)
     return path
-
-
-def write_result(out: Path, result: dict) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    return write_json(out / "result.json", result, default=float)

@@ -1,103 +1,152 @@
-"""One unit of work: pre-train under one config, probe the frozen encoder, fine-tune, report.
+"""One trial: pre-train under one config, probe the frozen encoder, fine-tune; and its result, the
+one record a trial leaves (``result.json``) and the one row schema of ``results.parquet``.
 
-``run_in_process`` runs it here; :mod:`conmim.distributed` runs the same phases on Ray Train
-workers. Both end in the same ``result.json``."""
+``run_phases`` is what a Ray Train worker (:mod:`conmim.run.ray_train`) and ``conmim train
+--backend process`` both run. This module imports torch only inside the phases: a Tune trial's
+process reads results without loading the model or the data."""
 from __future__ import annotations
 
+import json
 import math
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
-import torch
-
-from conmim.config import ExperimentConfig, canonical_hash
-from conmim.data import load_splits
-from conmim.evaluate import probes
-from conmim.finetune import finetune, finetune_checkpoint_state
-from conmim.model import MaskedViT
-from conmim.pretrain import load_encoder_state, pretrain
-from conmim.results import write_result
-from conmim.session import LocalSession, Session
+from conmim.config.experiment import ExperimentConfig, canonical_hash
+from conmim.files import write_json
+from conmim.metrics import FINAL_METRICS, FLAGS, TIMINGS
 
 CHANCE_MARGIN = 0.05  # a top-1 within 5 points of chance counts as "at chance"
 COLLAPSE_STD = 0.1    # normalised target features with spread below this have collapsed
+RESULT_FILE = "result.json"
 
 
-def scratch_encoder_state(cfg: ExperimentConfig) -> dict:
-    torch.manual_seed(cfg.seed)
-    return MaskedViT(cfg.model).state_dict()
+@dataclass
+class TrialResult:
+    """What a finished trial measured. ``result.json`` is this record, flat (a metric is a top-level key)."""
+    metrics: dict[str, float]                 # FINAL_METRICS
+    timings: dict[str, float]                 # TIMINGS
+    flags: dict[str, bool]                    # FLAGS
+    canonical_hash: str
+    config: dict
+    pretrain_history: list = field(default_factory=list)
+    finetune_history: list = field(default_factory=list)
+    node_id: str = ""
+    step_losses: Optional[list] = None
+
+    def to_json(self) -> dict:
+        d = {**self.metrics, **self.flags, **self.timings}
+        rest = asdict(self)
+        for k in ("metrics", "timings", "flags"):
+            rest.pop(k)
+        if rest["step_losses"] is None:
+            rest.pop("step_losses")
+        return {**d, **rest}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrialResult":
+        return cls(metrics={k: d.get(k, float("nan")) for k in FINAL_METRICS},
+                   timings={k: d.get(k, float("nan")) for k in TIMINGS},
+                   flags={k: bool(d.get(k)) for k in FLAGS}, canonical_hash=d.get("canonical_hash", ""),
+                   config=d.get("config", {}), pretrain_history=d.get("pretrain_history", []),
+                   finetune_history=d.get("finetune_history", []), node_id=d.get("node_id") or "",
+                   step_losses=d.get("step_losses"))
+
+    def write(self, out: Path) -> Path:
+        out.mkdir(parents=True, exist_ok=True)
+        return write_json(out / RESULT_FILE, self.to_json(), default=float)
+
+    @classmethod
+    def read(cls, out: Path) -> Optional["TrialResult"]:
+        p = Path(out) / RESULT_FILE
+        return cls.from_json(json.loads(p.read_text())) if p.exists() else None
+
+    def summary(self) -> dict:
+        """The final metrics and timings (what ``conmim train`` prints)."""
+        return {**self.metrics, **self.timings}
 
 
-def summarize(cfg: ExperimentConfig, pre: dict | None, probe: dict, ft: dict, timings: dict, num_classes: int) -> dict:
-    """The result record of a trial (also the row of the sweep's results table)."""
-    chance = 1.0 / num_classes
+# The row of results.parquet: the trial's identity, its status, then what it measured.
+ROW_IDENTITY = ("trial", "variant", "seed", "note", "overrides", "alias_of", "canonical_hash")
+ROW_STATUS = ("status", "reason", "node_id")
+
+
+def result_row(record: dict, status: str, result: Optional[TrialResult] = None, reason: str = "") -> dict:
+    """One row of results.parquet for the trial ``record`` (its entry in ``trials.json``)."""
+    row: dict[str, Any] = {
+        "trial": record["name"], "variant": record["variant"], "seed": record["seed"], "note": record.get("note", ""),
+        "overrides": json.dumps(record["overrides"], sort_keys=True, default=str),
+        "alias_of": record.get("alias_of") or "", "canonical_hash": record["key"],
+        "status": status, "reason": reason, "node_id": result.node_id if result else "",
+        **{k: float("nan") for k in FINAL_METRICS + TIMINGS}, **{k: False for k in FLAGS}}
+    if result is not None:
+        row.update(result.metrics, **result.timings, **result.flags)
+    return row
+
+
+def make_result(cfg: ExperimentConfig, carry: dict, ft: dict, num_classes: int, wall: float = float("nan")) -> TrialResult:
+    pre, probe = carry["pre"], carry["probe"]
     std = pre["final_target_std"] if pre else float("nan")
-    res = {
-        "finetune_top1": ft["finetune_top1"],
-        "finetune_val_top1": ft["finetune_val_top1"],
+    metrics = {
+        "finetune_top1": ft["finetune_top1"], "finetune_val_top1": ft["finetune_val_top1"],
         "linear_probe_top1": probe.get("linear_probe_top1", float("nan")),
         "knn_top1": probe.get("knn_top1", float("nan")),
-        "final_pretrain_loss": pre["final_pretrain_loss"] if pre else float("nan"),
-        "final_target_std": std,
-        "collapsed": bool(pre is not None and math.isfinite(std) and std < COLLAPSE_STD),
-        "at_chance": bool(ft["finetune_top1"] < chance + CHANCE_MARGIN),
-        **timings,
-        "canonical_hash": canonical_hash(cfg),
-        "pretrain_history": pre["history"] if pre else [],
-        "finetune_history": ft["finetune_history"],
-        "config": cfg.to_dict(),
+        "final_pretrain_loss": pre["final_pretrain_loss"] if pre else float("nan"), "final_target_std": std,
     }
-    if pre and pre.get("step_losses"):
-        res["step_losses"] = pre["step_losses"]
-    return res
+    flags = {"collapsed": bool(pre is not None and math.isfinite(std) and std < COLLAPSE_STD),
+             "at_chance": bool(ft["finetune_top1"] < 1.0 / num_classes + CHANCE_MARGIN)}
+    timings = {"pretrain_seconds": carry["pretrain_seconds"], "probe_seconds": carry["probe_seconds"],
+               "finetune_seconds": ft["finetune_seconds"], "wall_seconds": wall}
+    return TrialResult(metrics, timings, flags, canonical_hash(cfg), cfg.to_dict(),
+                       pre["history"] if pre else [], ft["finetune_history"],
+                       step_losses=(pre or {}).get("step_losses") or None)
 
 
-def trial_phases(cfg: ExperimentConfig, pre_session: Session, ft_session: Session) -> tuple[dict, dict]:
+def run_phases(cfg: ExperimentConfig, pre_session, ft_session) -> TrialResult:
     """Pre-train (or resume), probe the frozen encoder, fine-tune (or resume).
 
-    Returns (carry, fine-tuning result); ``carry`` holds the pre-training summary, the probes and
-    their timings, and travels in every fine-tuning checkpoint, so a run restarted during
-    fine-tuning skips the phases it already did."""
-    ft_state = finetune_checkpoint_state(cfg, ft_session)
-    if ft_state is not None:
-        return ft_state["carry"], finetune(cfg, ft_session, None, ft_state["carry"])
+    The pre-training summary, the probes and their timings (``carry``) travel in every
+    fine-tuning checkpoint, so a run restarted during fine-tuning skips the phases it did."""
+    import torch
+    from conmim.data.sources import load_splits
+    from conmim.train import checkpoint
+    from conmim.train.build import build_encoder
+    from conmim.train.evaluate import probes
+    from conmim.train.finetune import finetune
+    from conmim.train.pretrain import pretrain
+
     t0 = time.time()
+    num_classes = load_splits(cfg.data)["train"].num_classes
+    ft_state = checkpoint.resumable(cfg, ft_session, "finetune")
+    if ft_state is not None:
+        carry = ft_state["extra"]["carry"]
+        return make_result(cfg, carry, finetune(cfg, ft_session, None, carry), num_classes)
     pre = None
     if cfg.pretrain.enabled:
         pre = pretrain(cfg, pre_session)
-        encoder = pre.pop("net").encoder_for_finetune(cfg.finetune.encoder)
+        encoder = pre.pop("net").encoder(cfg.finetune.encoder)
         state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     else:
-        state = scratch_encoder_state(cfg)
+        torch.manual_seed(cfg.seed)
+        state = build_encoder(cfg).state_dict()  # the 'from scratch' row: a random encoder
     t1 = time.time()
     probe = {}
     if pre_session.is_main:  # frozen-feature proxies: cheap, on one worker while the others wait
-        frozen = MaskedViT(cfg.model).to(pre_session.device)
+        frozen = build_encoder(cfg).to(pre_session.device)
         frozen.load_state_dict(state)
         probe = probes(frozen, load_splits(cfg.data), cfg, pre_session.device)
         del frozen
     ft_session.barrier()
     carry = {"pre": pre, "probe": probe, "pretrain_seconds": t1 - t0, "probe_seconds": time.time() - t1}
-    return carry, finetune(cfg, ft_session, state, carry)
+    return make_result(cfg, carry, finetune(cfg, ft_session, state, carry), num_classes)
 
 
-def result_of(cfg: ExperimentConfig, carry: dict, ft: dict, wall: float) -> dict:
-    timings = {"pretrain_seconds": carry["pretrain_seconds"], "probe_seconds": carry["probe_seconds"],
-               "finetune_seconds": ft["finetune_seconds"], "wall_seconds": wall}
-    return summarize(cfg, carry["pre"], carry["probe"], ft, timings, load_splits(cfg.data)["train"].num_classes)
-
-
-def run_in_process(cfg: ExperimentConfig, out: str | Path, device: str = "cpu") -> dict:
+def run_in_process(cfg: ExperimentConfig, out: str | Path, device: str = "cpu") -> TrialResult:
+    from conmim.train.session import LocalSession
     out = Path(out)
     t0 = time.time()
-    carry, ft = trial_phases(cfg, LocalSession(out, "pretrain", device), LocalSession(out, "finetune", device))
-    result = result_of(cfg, carry, ft, time.time() - t0)
-    write_result(out, result)
+    result = run_phases(cfg, LocalSession(out, "pretrain", device), LocalSession(out, "finetune", device))
+    result.timings["wall_seconds"] = time.time() - t0
+    result.write(out)
     return result
-
-
-def finetune_from_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, out: str | Path, device: str = "cpu") -> dict:
-    state = load_encoder_state(Path(checkpoint), cfg.finetune.encoder)
-    t0 = time.time()
-    ft = finetune(cfg, LocalSession(out, "finetune", device), state)
-    return {**{k: v for k, v in ft.items() if k != "finetune_history"}, "finetune_seconds": time.time() - t0}

@@ -31,7 +31,7 @@ def small():
 def ray_session():
     """One local Ray for the whole test session (Ray's own testing advice)."""
     import ray
-    from conmim.distributed import ensure_ray
+    from conmim.run.ray_train import ensure_ray
     ensure_ray(num_cpus=4)
     yield ray
     ray.shutdown()

@@ -114,7 +114,7 @@ def test_cluster_sweep_needs_shared_storage_and_tracking(tmp_path):
 
 
 def test_staged_project_ships_code_and_an_outside_sweep_file(tmp_path):
-    from conmim import jobs
+    from conmim.run import jobs
     (tmp_path / "exp.yaml").write_text("extends: tiny\nseed: 3\n")
     sweep = tmp_path / "outside.yaml"
     sweep.write_text("name: outside\nbase: {config: exp.yaml, set: {pretrain.epochs: 1}}\n")
@@ -123,7 +123,7 @@ def test_staged_project_ships_code_and_an_outside_sweep_file(tmp_path):
         assert (work / "conmim" / "cli.py").is_file() and (work / "pyproject.toml").is_file()
         assert not {".venv", ".git", "runs", "ray_results"} & {p.name for p in work.iterdir()}
         assert not list(work.rglob("*.db")) and not list(work.rglob("__pycache__"))
-        from conmim.sweep_config import load_sweep
+        from conmim.config.expand import load_sweep
         sw = load_sweep(str(work / entry))
         assert sw.distinct[0].config.seed == 0 and sw.distinct[0].config.pretrain.epochs == 1
     with jobs.staged_project(str(REPO / "sweeps" / "smoke.yaml")) as (work, entry):
@@ -135,9 +135,9 @@ def test_staged_project_ships_code_and_an_outside_sweep_file(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_stop_the_sweep_driver_alike(tmp_path, sig):
-    from conmim.sweep import SweepStopped, _SignalStop
+    from conmim.run.stop import SignalStop, SweepStopped
     before = signal.getsignal(sig)
-    stop = _SignalStop(tmp_path / ".stopping")
+    stop = SignalStop(tmp_path)
     stop.install()
     with pytest.raises(KeyboardInterrupt) as e:  # the sweep's `except KeyboardInterrupt` path
         os.kill(os.getpid(), sig)

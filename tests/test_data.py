@@ -5,8 +5,10 @@ from PIL import Image
 
 from conmim.cli import main
 from conmim.config import load_config
-from conmim.data import PerImageCrop, ShardedBatches, load_splits
-from conmim import rng as crng
+from conmim.data.sampler import ShardedBatches
+from conmim.data.sources import load_splits
+from conmim.data.transforms import PerImageCrop
+from conmim.data import rng as crng
 
 
 def test_fashion_mnist_splits_are_fixed_and_disjoint():

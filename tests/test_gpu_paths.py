@@ -12,11 +12,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from conmim.config import load_config
-from conmim.data import load_splits
-from conmim.finetune import finetune
-from conmim.model import Classifier, MaskedViT, param_groups
-from conmim.pretrain import pretrain, resumable
-from conmim.session import LocalSession
+from conmim.data.sources import load_splits
+from conmim.method.vit import Classifier, param_groups
+from conmim.train.build import build_encoder
+from conmim.train.checkpoint import resumable
+from conmim.train.finetune import finetune
+from conmim.train.pretrain import pretrain
+from conmim.train.session import LocalSession
 from conftest import REPO
 
 
@@ -31,9 +33,9 @@ class HostTensor(torch.Tensor):
 
 
 def _called_from_conmim() -> bool:
-    # (module construction in conmim.model is left alone: weights move with the module's .to())
+    # (module construction in conmim.method is left alone: weights move with the module's .to())
     name = sys._getframe(2).f_globals.get("__name__", "")
-    return name.startswith("conmim") and name != "conmim.model"
+    return name.startswith("conmim") and not name.startswith("conmim.method")
 
 
 @contextmanager
@@ -101,7 +103,7 @@ def test_collectives_get_device_tensors_through_real_pretrain_and_finetune(small
     with host_tensors_marked():
         pre = pretrain(cfg, pre_s)
         assert isinstance(pre["net"], nn.Module)
-        encoder = pre["net"].encoder_for_finetune(cfg.finetune.encoder)
+        encoder = pre["net"].encoder(cfg.finetune.encoder)
         ft = finetune(cfg, ft_s, {k: v.detach().clone() for k, v in encoder.state_dict().items()})
     assert pre_s.reduced >= 4 and ft_s.reduced == 2  # every step's loss statistics; test and val top-1
     assert 0 < ft["finetune_top1"] <= 1 and pre["final_pretrain_loss"] > 0
@@ -135,7 +137,7 @@ def _beit(preset, **over):
 def test_beit_tokens_are_timms_forward_features_ending_in_layernorm(preset):
     cfg = _beit(preset)
     torch.manual_seed(0)
-    m = MaskedViT(cfg.model).eval()
+    m = build_encoder(cfg).eval()
     last = []
     for mod in m.modules():
         if not list(mod.children()):
@@ -151,13 +153,13 @@ def test_beit_tokens_are_timms_forward_features_ending_in_layernorm(preset):
 def test_beit_finetuning_unties_the_shared_relative_position_bias(tmp_path):
     cfg = _beit("vit-s16-imagenet", **{"model.img_size": 64, "model.depth": 3})
     torch.manual_seed(0)
-    pre = MaskedViT(cfg.model)
+    pre = build_encoder(cfg)
     shared = pre.vit.rel_pos_bias.relative_position_bias_table
     with torch.no_grad():
         shared.copy_(torch.randn_like(shared))
     torch.save({"encoder": pre.state_dict()}, tmp_path / "ckpt.pt")  # written, read back as fine-tuning would
     state = torch.load(tmp_path / "ckpt.pt", map_location="cpu")["encoder"]
-    ft = MaskedViT(cfg.model, drop_path=0.1, for_finetune=True)
+    ft = build_encoder(cfg, drop_path=0.1, for_finetune=True)
     ft.load_pretrained(state)
     assert ft.vit.rel_pos_bias is None
     tables = [blk.attn.relative_position_bias_table for blk in ft.vit.blocks]
@@ -179,7 +181,7 @@ def test_beit_finetuning_unties_the_shared_relative_position_bias(tmp_path):
 
 def test_vit_finetuning_drops_the_final_norm_for_the_classifiers_own():
     cfg = load_config("tiny", [])
-    pre, ft = MaskedViT(cfg.model), MaskedViT(cfg.model, for_finetune=True)
+    pre, ft = build_encoder(cfg), build_encoder(cfg, for_finetune=True)
     assert isinstance(pre.vit.norm, nn.LayerNorm) and isinstance(ft.vit.norm, nn.Identity)
     ft.load_pretrained(pre.state_dict())  # the pre-trained norm is not expected by the classifier's encoder
     torch.testing.assert_close(ft.vit.blocks[0].attn.qkv.weight, pre.vit.blocks[0].attn.qkv.weight)

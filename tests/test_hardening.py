@@ -36,11 +36,11 @@ def expectations(path: Path) -> list[str]:
 @pytest.fixture
 def no_ray(monkeypatch):
     """Anything that would start Ray fails the test instead (the input must be refused before)."""
-    import conmim.distributed
+    import conmim.run.ray_train
 
     def refuse(*a, **kw):
         raise AssertionError("Ray would have been started")
-    monkeypatch.setattr(conmim.distributed, "ensure_ray", refuse)
+    monkeypatch.setattr(conmim.run.ray_train, "ensure_ray", refuse)
 
 
 def invoke(args):
@@ -91,7 +91,7 @@ def test_yaml_bomb_refused_without_expanding(tmp_path):
         lines.append(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 10) + "]")
     p = tmp_path / "bomb.yaml"
     p.write_text("\n".join(lines) + "\nseed: *l9\n")
-    from conmim.config import read_yaml
+    from conmim.config.loading import read_yaml
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.time()
     with pytest.raises(ConfigError, match="YAML bomb"):
@@ -101,7 +101,7 @@ def test_yaml_bomb_refused_without_expanding(tmp_path):
 
 
 def test_safe_loader_builds_no_python_objects(tmp_path):
-    from conmim.config import ConfigLoader
+    from conmim.config.loading import ConfigLoader
     assert issubclass(ConfigLoader, yaml.SafeLoader)
     marker = tmp_path / "pwned"
     p = tmp_path / "evil.yaml"
@@ -236,20 +236,20 @@ def test_unwritable_sqlite_store_exits_2(tmp_path, no_ray):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["..", "../x", "a/../../x", "/etc", "../../../tmp/evil"])
 def test_safe_child_refuses_escapes(tmp_path, name):
-    from conmim.sweep_config import safe_child
+    from conmim.config.expand import safe_child
     with pytest.raises(ConfigError, match="leads outside"):
         safe_child(tmp_path, name)
 
 
 def test_safe_child_allows_plain_names(tmp_path):
-    from conmim.sweep_config import safe_child
+    from conmim.config.expand import safe_child
     assert safe_child(tmp_path, "ablations") == tmp_path.resolve() / "ablations"
     assert safe_child(tmp_path, "a..b") == tmp_path.resolve() / "a..b"
 
 
 def test_trial_folders_stay_inside_the_sweep_folder(tmp_path):
     """Grid values become part of trial names; '/' and '..' in them cannot make a path escape."""
-    from conmim.sweep_config import load_sweep, safe_child
+    from conmim.config.expand import load_sweep, safe_child
     path = valid_sweep(tmp_path, grid={"model.name": ["../../../tmp/evil", "/etc/passwd"]},
                        variants=[{"name": "v..1", "set": {"objective.temperature": 0.2}}])
     sw = load_sweep(str(path))
@@ -277,8 +277,8 @@ def test_redaction_against_a_real_mlflow_store(tmp_path, monkeypatch):
     """Log a trial's config the way run_one_trial does (child_run -> log_params -> log_config) to a
     real SQLite store and read everything back: no secret anywhere."""
     from mlflow.tracking import MlflowClient
-    from conmim import tracking
     from conmim.config import build, load_source
+    from conmim.tracking import client as tracking
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "env-secret-value-42")
     raw, _ = load_source("tiny")
     cfg = build(raw, {"data.name": "parquet", "data.root": SECRET_URI, "model.name": "vit_env-secret-value-42"},
@@ -324,15 +324,15 @@ def test_redaction_of_unreachable_tracking_uri_in_messages(tmp_path, no_ray):
     ("eval.knn_k", 20, "20"),
 ])
 def test_redact_params_cases(key, value, shown):
-    from conmim import tracking
-    assert tracking.redact_params({key: value})[key] == shown
+    from conmim.tracking import redact
+    assert redact.redact_params({key: value})[key] == shown
 
 
 def test_redaction_survives_another_thread_changing_the_environment(monkeypatch):
     """MLflow's telemetry thread sets and unsets a variable at any time; iterating os.environ
     meanwhile raised KeyError in a trial's redaction and failed the trial (seen in a sweep)."""
     import threading
-    from conmim import tracking
+    from conmim.tracking import redact
     monkeypatch.setenv("CONMIM_TEST_API_TOKEN", "tok-0123456789")
     stop = threading.Event()
 
@@ -345,7 +345,7 @@ def test_redaction_survives_another_thread_changing_the_environment(monkeypatch)
     try:
         deadline = time.time() + 2
         while time.time() < deadline:
-            assert tracking.redact_params({"data.root": "s3://b/tok-0123456789/x"})["data.root"] == "s3://b/***/x"
+            assert redact.redact_params({"data.root": "s3://b/tok-0123456789/x"})["data.root"] == "s3://b/***/x"
     finally:
         stop.set()
         t.join()
@@ -368,7 +368,7 @@ def test_ui_binds_loopback_by_default(monkeypatch, tmp_path):
 
 def test_local_ray_dashboard_binds_loopback(monkeypatch):
     import ray
-    from conmim import distributed
+    from conmim.run import ray_train as distributed
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
@@ -392,23 +392,23 @@ def test_token_authentication_is_not_disabled_anywhere():
 # Numbers that lie: a collapsed pre-training fine-tuned to chance is flagged, not averaged away
 # ---------------------------------------------------------------------------------------------
 def test_collapsed_trial_at_chance_is_flagged_in_the_report(tmp_path):
-    """Result records from the real summarize() of a trial, through write_results (parquet) and
+    """Result records from the real make_result() of a trial, through write_results (parquet) and
     make_report: the collapsed, at-chance trial is marked in the table and in results.parquet."""
     import pyarrow.parquet as pq
     from conmim.config import load_config
     from conmim.report import make_report
-    from conmim.sweep import write_results
-    from conmim.trial import summarize, write_result
+    from conmim.run.results import write_results
+    from conmim.trial import make_result
     d = tmp_path / "sw"
     trials = []
     for name, variant, std, top1 in [("baseline_seed0", "baseline", 0.9, 0.82),
                                      ("collapse_seed0", "collapse", 0.001, 0.101)]:
         cfg = load_config("tiny", ["pretrain.epochs=1"])
         pre = {"final_target_std": std, "final_pretrain_loss": 2.7, "history": [{"epoch": 1, "target_std": std}]}
-        ft = {"finetune_top1": top1, "finetune_val_top1": top1, "finetune_history": []}
-        res = summarize(cfg, pre, {"linear_probe_top1": top1, "knn_top1": top1}, ft,
-                        {"pretrain_seconds": 1.0, "probe_seconds": 1.0, "finetune_seconds": 1.0, "wall_seconds": 3.0}, 10)
-        write_result(d / "trials" / name, res)
+        ft = {"finetune_top1": top1, "finetune_val_top1": top1, "finetune_history": [], "finetune_seconds": 1.0}
+        carry = {"pre": pre, "probe": {"linear_probe_top1": top1, "knn_top1": top1}, "pretrain_seconds": 1.0,
+                 "probe_seconds": 1.0}
+        make_result(cfg, carry, ft, 10, wall=3.0).write(d / "trials" / name)
         trials.append({"name": name, "variant": variant, "seed": 0, "overrides": {}, "key": name, "alias_of": None,
                        "note": "", "config": cfg.to_dict()})
     (d / "trials.json").write_text(json.dumps(trials))
@@ -432,25 +432,25 @@ def test_metrics_buffered_while_mlflow_is_down_and_flushed_after(tmp_path):
     """The buffer itself, without Ray: a report to a dead server is kept on disk (not raised, not
     dropped), the next report or the end-of-trial flush sends it; a server that never comes back
     ends in an error naming the file that keeps the points."""
-    from conmim import tracking
+    from conmim.tracking import buffer, client
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = tracking.experiment_id(uri, "buf")
-    rid = tracking.client(uri).create_run(exp).info.run_id
-    pending = tmp_path / "trial" / tracking.PENDING_FILE
+    exp = client.experiment_id(uri, "buf")
+    rid = client.client(uri).create_run(exp).info.run_id
+    pending = tmp_path / "trial" / buffer.PENDING_FILE
     dead = f"http://127.0.0.1:{free_port()}"
     t0 = time.time()
-    assert tracking.log_metrics_buffered(dead, rid, {"pretrain_loss": 2.5}, 1, pending) is False
-    assert tracking.log_metrics_buffered(dead, rid, {"pretrain_loss": 2.4}, 2, pending) is False
+    assert buffer.log_metrics_buffered(dead, rid, {"pretrain_loss": 2.5}, 1, pending) is False
+    assert buffer.log_metrics_buffered(dead, rid, {"pretrain_loss": 2.4}, 2, pending) is False
     assert time.time() - t0 < 30  # a report does not hang on MLflow's minutes-long retries
     assert len(pending.read_text().splitlines()) == 2
-    with pytest.raises(tracking.TrackingUnavailable, match=re.escape(str(pending))):
-        tracking.flush_pending(dead, rid, pending, wait_s=1)
+    with pytest.raises(client.TrackingUnavailable, match=re.escape(str(pending))):
+        buffer.flush_pending(dead, rid, pending, wait_s=1)
     assert len(pending.read_text().splitlines()) == 2  # giving up keeps them
     # the server answers again: the next report sends the backlog first, in order, then itself
-    assert tracking.log_metrics_buffered(uri, rid, {"pretrain_loss": 2.3}, 3, pending) is True
-    hist = tracking.client(uri).get_metric_history(rid, "pretrain_loss")
+    assert buffer.log_metrics_buffered(uri, rid, {"pretrain_loss": 2.3}, 3, pending) is True
+    hist = client.client(uri).get_metric_history(rid, "pretrain_loss")
     assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [(1, 2.5), (2, 2.4), (3, 2.3)]
-    assert not pending.exists() and tracking.flush_pending(uri, rid, pending) == 0
+    assert not pending.exists() and buffer.flush_pending(uri, rid, pending) == 0
 
 
 def free_port() -> int:
@@ -511,8 +511,8 @@ def test_mlflow_server_down_mid_sweep_metrics_buffered_then_flushed(ray_session,
     reach MLflow once the server answers; the run ends FINISHED."""
     import threading
     from mlflow.tracking import MlflowClient
-    from conmim.sweep import run_sweep
-    from conmim.sweep_config import load_sweep
+    from conmim.run.tune import run_sweep
+    from conmim.config.expand import load_sweep
     server = MlflowServer(tmp_path)
     server.start()
     try:

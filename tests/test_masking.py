@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from conmim.config import MaskingConfig
-from conmim.masking import create_mask_generator, masks_for
+from conmim.config.experiment import MaskingConfig
+from conmim.data.masking import create_mask_generator, masks_for
 
 
 @pytest.mark.parametrize("kind,grid,ratio,tol", [

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from conmim import schedules
-from conmim.model import MomentumEncoder, Projector
+from conmim.train import schedules
+from conmim.method.heads import Projector
+from conmim.method.momentum import MomentumEncoder
 
 
 def test_momentum_encoder_starts_identical_and_follows_ema(monkeypatch):

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from conmim.objective import denoising_contrast_loss, target_spread
-from conmim.pretrain import ConMIM
+from conmim.method.objective import denoising_contrast_loss, target_spread
+from conmim.train.build import build_conmim
 
 
 def hand_loss(online, target, mask, tau, dictionary):
@@ -62,7 +62,7 @@ def test_perfect_prediction_gives_low_loss_and_collapse_gives_log_p():
 def test_gradient_reaches_key_branch_only_without_stop_grad_on_shared_encoder(small, target_encoder, stop_grad, expect_grad):
     cfg = small(objective__target_encoder=target_encoder, objective__stop_grad=stop_grad)
     torch.manual_seed(0)
-    net = ConMIM(cfg)
+    net = build_conmim(cfg)
     x = torch.randn(4, 3, 28, 28)
     full = x.clone().requires_grad_(True)
     masked = x.clone().requires_grad_(True)
@@ -78,7 +78,7 @@ def test_gradient_reaches_key_branch_only_without_stop_grad_on_shared_encoder(sm
 
 
 def test_global_batchnorm_matches_batchnorm_in_one_process():
-    from conmim.model import GlobalBatchNorm1d
+    from conmim.method.heads import GlobalBatchNorm1d
     torch.manual_seed(0)
     x = torch.randn(64, 8, requires_grad=True)
     a, b = torch.nn.BatchNorm1d(8), GlobalBatchNorm1d(8)

@@ -11,8 +11,10 @@ import yaml
 from click.testing import CliRunner
 
 from conmim.cli import main
-from conmim.report import forest_figure, make_report, probe_encoder, summarize
-from conmim.sweep import FINAL_METRICS, TIMINGS
+from conmim.report import make_report
+from conmim.report.plot import forest_figure
+from conmim.report.table import probe_encoder, summarize
+from conmim.metrics import FINAL_METRICS, TIMINGS
 
 NAN = float("nan")
 # closed forms of Student t (see tests/test_stats.py): 2 dof P(|T| > t) = 1 - t/sqrt(2 + t²),
@@ -174,7 +176,7 @@ def test_positional_shortcut_is_flagged(tmp_path):
 
 def test_report_from_mlflow_reads_the_primary_metric_from_the_parent_run(tmp_path):
     from mlflow.tracking import MlflowClient
-    from conmim.report import REPORT_METRIC_TAG
+    from conmim.tracking.tags import REPORT_METRIC as REPORT_METRIC_TAG
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)
     exp = c.create_experiment("swp")

@@ -4,7 +4,8 @@ import yaml
 from click.testing import CliRunner
 
 from conmim.cli import main
-from conmim.sweep_config import VALIDATION_METRICS, load_sweep
+from conmim.config.expand import load_sweep
+from conmim.metrics import VALIDATION_METRICS
 from conftest import REPO
 
 SEARCH = REPO / "sweeps" / "search-temperature-momentum.yaml"
@@ -73,7 +74,7 @@ def test_report_section_defaults_and_values(tmp_path):
 
 
 def test_report_metric_unknown_is_refused_with_the_allowed_ones(tmp_path):
-    from conmim.sweep import FINAL_METRICS
+    from conmim.metrics import FINAL_METRICS
     res = dry_run(_sweep(tmp_path, report={"metric": "top1"}))
     assert res.exit_code == 2 and "report.metric" in res.output and "'top1'" in res.output, res.output
     assert all(m in res.output for m in FINAL_METRICS)

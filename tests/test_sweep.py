@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from conmim.cli import main
-from conmim.sweep_config import load_sweep
+from conmim.config.expand import load_sweep
 from conftest import CONMIM, REPO, SMALL
 
 SWEEP_FILES = sorted((REPO / "sweeps").rglob("*.yaml"))
@@ -68,7 +68,7 @@ def mlflow_runs(uri, experiment):
 
 @pytest.mark.slow
 def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
-    from conmim.sweep import run_sweep
+    from conmim.run.tune import run_sweep
     path = sweep_file(tmp_path, "e2e", [
         {"name": "shared_no_stop_grad", "set": {"objective.target_encoder": "shared", "objective.stop_grad": False}},
         {"name": "momentum_no_stop_grad", "set": {"objective.stop_grad": False}},  # alias of baseline
@@ -77,8 +77,24 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
     ], resources={"max_concurrent_trials": 2})  # two at a time: Train start-up of one overlaps the other's compute
     sw = load_sweep(str(path))
     assert len(sw.distinct) == 4 and len(sw.aliases) == 1
-    counts = run_sweep(sw)
+    console: list[str] = []
+    counts = run_sweep(sw, echo=console.append)
     assert counts == {"finished": 3, "failed": 1, "alias (finished)": 1}, counts
+    # the console: one line per trial event, each said once; a progress bar; where things are
+    for t in sw.distinct:
+        label = f"{t.variant} seed {t.seed}"
+        mine = [l for l in console if f"  {label} " in l]
+        assert sum(l.rstrip().endswith("started") for l in mine) == 1, mine
+        ends = [l for l in mine if "  done " in l or "FAILED" in l]
+        assert len(ends) == 1 and ("FAILED" in ends[0]) == (t.variant == "diverges"), mine
+        if t.variant not in ("scratch", "diverges"):
+            assert sum("pretrain  epoch 1/1  loss" in l for l in mine) == 1, mine
+        if t.variant != "diverges":
+            assert sum("finetune  epoch 1/1  loss" in l for l in mine) == 1, mine
+    assert re.search(r"^\[#{24}\] 4/4 trials \(1 failed\), 0 running", console_bars(console)[-1]), console
+    ray_log = next(l for l in console if l.startswith("Ray's own messages: ")).split(": ", 1)[1].split(";")[0]
+    assert ray_log == str(sw.dir / "ray.log") and (sw.dir / "ray.log").exists()
+    assert any(re.search(r"/#/experiments/\d+/runs$", l) for l in console), console
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c, runs = mlflow_runs(uri, "e2e")
     parents = [r for r in runs if r.data.tags.get("conmim.role") == "sweep"]
@@ -119,6 +135,10 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
     assert res2.exit_code == 0 and line in res2.output
 
 
+def console_bars(lines):
+    return [l for l in lines if l.startswith("[") and " trials (" in l]
+
+
 def wait_for(pred, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -155,7 +175,7 @@ def test_killed_then_interrupted_driver_resumes_without_duplicates(tmp_path):
     # resumed, then Ctrl-C while a trial pre-trains
     p = driver("--resume", log="interrupted.log")
     try:
-        wait_for(lambda: "[pretrain] epoch" in (tmp_path / "interrupted.log").read_text() or p.poll() is not None,
+        wait_for(lambda: "pretrain  epoch" in (tmp_path / "interrupted.log").read_text() or p.poll() is not None,
                  600, "a resumed trial training")
         p.send_signal(signal.SIGINT)
         rc = p.wait(timeout=180)
@@ -177,6 +197,13 @@ def test_killed_then_interrupted_driver_resumes_without_duplicates(tmp_path):
 
     r = subprocess.run([CONMIM, "sweep", str(path), "--resume"], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # what the user watched: the sweep's own console, not Ray's (no Tune tables, no TensorBoard hint,
+    # no Ray Train internals, no worker line printed twice); the progress counts the earlier runs' trials
+    said = r.stdout + r.stderr
+    for noise in ("TensorBoard", "Reporting training result", "trial_", "Trial status", "[pretrain] epoch"):
+        assert noise not in said, (noise, said[-3000:])
+    assert re.search(r"^\[#{24}\] 2/2 trials \(0 failed\)", console_bars(r.stdout.splitlines())[-1]), r.stdout
+    assert "report: " in r.stdout and "/#/experiments/" in r.stdout
     runs = c.search_runs([c.get_experiment_by_name("resume").experiment_id])
     children = [x for x in runs if x.data.tags.get("conmim.role") == "trial"]
     assert sorted(x.info.run_name for x in children) == ["baseline_seed0", "t02_seed0"]
@@ -218,15 +245,16 @@ def test_trial_process_never_loads_the_model_or_the_data(tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-import conmim.distributed as d, conmim.sweep
+import conmim.run.ray_train as d, conmim.run.tune_trial
 from conmim.config import load_config
+from conmim.trial import TrialResult
 class Done:
-    return_value = {{"result": {{"finetune_top1": 0.5}}, "node_id": "n1"}}
+    return_value = TrialResult({{"finetune_top1": 0.5}}, {{}}, {{}}, "h", {{}}, node_id="n1")
 d._trainer = lambda *a, **k: None
-d._fit = lambda trainer: Done
+d._fit = lambda trainer, out: Done
 res = d.run_trial(load_config("tiny", []), Path({str(tmp_path)!r}))
-print(sorted({{"torch", "timm", "torchvision", "conmim.data", "conmim.trial", "conmim.model"}} & set(sys.modules)),
-      res["wall_seconds"] >= 0, res["node_id"])
+heavy = {{"torch", "timm", "torchvision", "conmim.data.sources", "conmim.method.vit", "conmim.train.pretrain"}}
+print(sorted(heavy & set(sys.modules)), res.timings["wall_seconds"] >= 0, res.node_id)
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -237,7 +265,7 @@ print(sorted({{"torch", "timm", "torchvision", "conmim.data", "conmim.trial", "c
 def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
     """A sweep's SQLite MLflow is one folder to keep or delete: artifacts go beside ``mlflow.db``,
     not into ``./mlruns`` of whatever folder the sweep was started from."""
-    from conmim import tracking
+    from conmim.tracking import client as tracking
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -15,12 +15,12 @@ def test_same_seed_same_result_numbers(small, tmp_path):
     a = run_in_process(cfg, tmp_path / "a")
     b = run_in_process(cfg, tmp_path / "b")
     for k in KEYS:
-        assert a[k] == b[k], k
+        assert a.metrics[k] == b.metrics[k], k
     c = run_in_process(small(seed=1), tmp_path / "c")
-    assert c["final_pretrain_loss"] != a["final_pretrain_loss"]
-    assert 0.0 < a["finetune_top1"] <= 1.0 and a["final_pretrain_loss"] > 0
+    assert c.metrics["final_pretrain_loss"] != a.metrics["final_pretrain_loss"]
+    assert 0.0 < a.metrics["finetune_top1"] <= 1.0 and a.metrics["final_pretrain_loss"] > 0
     on_disk = json.loads((tmp_path / "a" / "result.json").read_text())
-    assert on_disk["finetune_top1"] == a["finetune_top1"] and on_disk["config"]["seed"] == 0
+    assert on_disk["finetune_top1"] == a.metrics["finetune_top1"] and on_disk["config"]["seed"] == 0
 
 
 @pytest.mark.parametrize("variant", [
@@ -31,7 +31,7 @@ def test_same_seed_same_result_numbers(small, tmp_path):
 def test_ablation_variants_train(small, tmp_path, variant):
     cfg = small(**{k.replace(".", "__"): v for k, v in variant.items()})
     r = run_in_process(cfg, tmp_path)
-    assert r["final_pretrain_loss"] > 0 and r["finetune_top1"] > 0
+    assert r.metrics["final_pretrain_loss"] > 0 and r.metrics["finetune_top1"] > 0
 
 
 def test_cli_train_process_backend_and_scratch(tmp_path):

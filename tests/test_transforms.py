@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from conmim.config import AugmentConfig
-from conmim.data import load_splits
-from conmim.transforms import TwoViewTransform
+from conmim.config.experiment import AugmentConfig
+from conmim.data.sources import load_splits
+from conmim.data.transforms import TwoViewTransform
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from conmim import rng as crng
+from conmim.data import rng as crng
 
 
 class BlockMasking:
@@ -95,7 +95,7 @@ class NoMasking:
 
 
 def create_mask_generator(masking, grid: int):
-    """Factory by name from a :class:`conmim.config.MaskingConfig`."""
+    """Factory by name from a :class:`conmim.config.experiment.MaskingConfig`."""
     if not masking.enabled:
         return NoMasking(grid)
     if masking.type == "block":

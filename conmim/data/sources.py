@@ -8,7 +8,7 @@
 
 Fixed-size sources hand out uint8 batches and the batched transforms crop them; variable-size
 sources (ImageFolder, Parquet of JPEGs) crop each image as it is decoded, with the same
-per-image parameters (:mod:`conmim.rng`).
+per-image parameters (:mod:`conmim.data.rng`).
 """
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from conmim import rng as crng
-from conmim.data_paths import (FASHION_MNIST_FILES, DataMissing, fashion_mnist_root, idx_path,
-                               missing_data_message)
+from conmim.config.experiment import DataConfig
+from conmim.config.data_paths import FASHION_MNIST_FILES, DataMissing, fashion_mnist_root, idx_path, missing_data_message
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
@@ -58,7 +57,8 @@ class ImageSet:
 
     def batch(self, index, size: int, crop=None) -> torch.Tensor:
         """uint8 [B, 3, ., .]: raw pixels for fixed-size sources; for the others each image is
-        decoded and either cropped by ``crop`` (a :class:`PerImageCrop`) or resized + centre-cropped."""
+        decoded and either cropped by ``crop`` (a :class:`conmim.data.transforms.PerImageCrop`) or
+        resized + centre-cropped."""
         index = np.asarray(index)
         if self.pixels is not None:
             x = self.pixels[torch.as_tensor(index)]
@@ -87,28 +87,6 @@ def _center(im, size: int):
 
 def _pil_to_uint8(im) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-class PerImageCrop:
-    """RandomResizedCrop + flip of decoded images, with the batched transforms' parameters."""
-
-    def __init__(self, seed: int, epoch: int, size: int, scale, ratio, flip_p: float, stream: int):
-        self.seed, self.epoch, self.size = seed, epoch, size
-        self.scale, self.ratio, self.flip_p, self.stream = scale, ratio, flip_p, stream
-
-    def __call__(self, imgs, index):
-        from PIL import Image
-        from conmim.transforms import _CROP_TRIES, crop_boxes
-        u = crng.uniforms(self.seed, self.epoch, index, self.stream, 2 * _CROP_TRIES + 3)
-        out = []
-        for im, uu in zip(imgs, u):
-            top, left, h, w = crop_boxes(uu[None], im.size[1], im.size[0], self.scale, self.ratio)[0]
-            if uu[-1] < self.flip_p:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-                left = im.size[0] - left - w
-            out.append(im.resize((self.size, self.size), Image.BICUBIC,
-                                 box=(left, top, left + w, top + h)))
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +162,7 @@ def _parquet(dcfg) -> dict[str, ImageSet]:
 
 @lru_cache(maxsize=4)
 def _load(name: str, root: Optional[str], download: bool) -> dict[str, ImageSet]:
-    from types import SimpleNamespace
-    d = SimpleNamespace(name=name, root=root, download=download)
+    d = DataConfig(name=name, root=root, download=download)
     return {"fashion-mnist": _fashion_mnist, "imagefolder": _imagefolder, "parquet": _parquet}[name](d)
 
 
@@ -208,64 +185,14 @@ def load_splits(dcfg) -> dict[str, ImageSet]:
     return {"train": train, "val": val, "test": test}
 
 
-# ---------------------------------------------------------------------------------------------
-# Sharded batches
-# ---------------------------------------------------------------------------------------------
-class ShardedBatches(torch.utils.data.Sampler):
-    """Per epoch: a permutation from (seed, epoch), cut into global batches of ``global_batch``;
-    worker ``rank`` gets its contiguous slice of each global batch. The global batches are the
-    same for any number of workers, so results do not depend on the worker count."""
-
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int,
-                 shuffle: bool = True, drop_last: bool = True):
-        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
-        self.seed, self.epoch, self.shuffle, self.drop_last = seed, epoch, shuffle, drop_last
-
-    def global_batches(self) -> list[np.ndarray]:
-        order = (np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
-                 if self.shuffle else np.arange(self.n))
-        stop = (self.n // self.gb) * self.gb if self.drop_last else self.n
-        return [order[i: min(i + self.gb, stop)] for i in range(0, stop, self.gb)]
-
-    def __len__(self) -> int:
-        return len(self.global_batches())
-
-    def __iter__(self):
-        for g in self.global_batches():
-            per = -(-len(g) // self.world)
-            yield self.epoch, g[self.rank * per: (self.rank + 1) * per]
-
-
-class BatchDataset(torch.utils.data.Dataset):
-    """Maps an (epoch, indices) item of :class:`ShardedBatches` to a ready batch via ``fn``."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __getitem__(self, item):
-        epoch, index = item
-        return self.fn(epoch, index)
-
-    def __len__(self):  # pragma: no cover - sampler drives iteration
-        raise TypeError
-
-
-def batches(fn, sampler: ShardedBatches, num_workers: int = 0, pin_memory: bool = False):
-    """``pin_memory`` (for a GPU): page-locked batches, so that ``.to(device, non_blocking=True)``
-    really overlaps the copy with the step."""
-    return torch.utils.data.DataLoader(BatchDataset(fn), sampler=sampler, batch_size=None,
-                                       num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory)
-
-
 def write_parquet(name: str, out: str, root: Optional[str] = None, limit: Optional[int] = None) -> int:
     """``conmim data prepare``: every image of a built-in dataset as PNG bytes + label + split."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
-    from types import SimpleNamespace
     if name != "fashion-mnist":
         raise ValueError(f"conmim data prepare: unknown dataset '{name}'; allowed: fashion-mnist")
-    sets = _fashion_mnist(SimpleNamespace(name=name, root=root, download=False))
+    sets = _fashion_mnist(DataConfig(name=name, root=root))
     images, labels, splits = [], [], []
     for split, s in sets.items():
         n = len(s) if limit is None else min(limit, len(s))

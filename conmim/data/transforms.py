@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conmim import rng as crng
+from conmim.data import rng as crng
 
-_CROP_TRIES = 10
+CROP_TRIES = 10
 
 
 def crop_boxes(u: np.ndarray, H: int, W: int, scale, ratio) -> np.ndarray:
@@ -30,8 +30,8 @@ def crop_boxes(u: np.ndarray, H: int, W: int, scale, ratio) -> np.ndarray:
     B = u.shape[0]
     area = H * W
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    tgt = area * (scale[0] + (scale[1] - scale[0]) * u[:, :_CROP_TRIES])
-    ar = np.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, _CROP_TRIES: 2 * _CROP_TRIES])
+    tgt = area * (scale[0] + (scale[1] - scale[0]) * u[:, :CROP_TRIES])
+    ar = np.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, CROP_TRIES: 2 * CROP_TRIES])
     w = np.rint(np.sqrt(tgt * ar))
     h = np.rint(np.sqrt(tgt / ar))
     ok = (w > 0) & (h > 0) & (w <= W) & (h <= H)
@@ -47,8 +47,8 @@ def crop_boxes(u: np.ndarray, H: int, W: int, scale, ratio) -> np.ndarray:
     else:
         fb = (H, W)
     hw[first < 0] = fb
-    top = np.floor(u[:, 2 * _CROP_TRIES] * (H - hw[:, 0] + 1))
-    left = np.floor(u[:, 2 * _CROP_TRIES + 1] * (W - hw[:, 1] + 1))
+    top = np.floor(u[:, 2 * CROP_TRIES] * (H - hw[:, 0] + 1))
+    left = np.floor(u[:, 2 * CROP_TRIES + 1] * (W - hw[:, 1] + 1))
     top[first < 0] = (H - fb[0]) // 2
     left[first < 0] = (W - fb[1]) // 2
     return np.stack([top, left, hw[:, 0], hw[:, 1]], 1)
@@ -175,6 +175,29 @@ class StrongPerturbation:
         return x
 
 
+class PerImageCrop:
+    """RandomResizedCrop + flip of decoded (PIL) images, one by one in a loader worker, with the
+    batched transforms' per-image parameters: what variable-size sources (ImageFolder, Parquet of
+    JPEGs) need before their images can be stacked into a batch."""
+
+    def __init__(self, seed: int, epoch: int, size: int, scale, ratio, flip_p: float, stream: int):
+        self.seed, self.epoch, self.size = seed, epoch, size
+        self.scale, self.ratio, self.flip_p, self.stream = scale, ratio, flip_p, stream
+
+    def __call__(self, imgs, index):
+        from PIL import Image
+        u = crng.uniforms(self.seed, self.epoch, index, self.stream, 2 * CROP_TRIES + 3)
+        out = []
+        for im, uu in zip(imgs, u):
+            top, left, h, w = crop_boxes(uu[None], im.size[1], im.size[0], self.scale, self.ratio)[0]
+            if uu[-1] < self.flip_p:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+                left = im.size[0] - left - w
+            out.append(im.resize((self.size, self.size), Image.BICUBIC,
+                                 box=(left, top, left + w, top + h)))
+        return out
+
+
 PERTURBATIONS = {
     # mode: (masked/online view, full/target view)
     "asymmetric": ("basic", "strong"),
@@ -210,7 +233,7 @@ class TwoViewTransform:
         x = x.float().div_(255)
         if not self.geometry:
             return x
-        u = crng.uniforms(self.seed, epoch, index, crng.GEOMETRY, 2 * _CROP_TRIES + 3)
+        u = crng.uniforms(self.seed, epoch, index, crng.GEOMETRY, 2 * CROP_TRIES + 3)
         boxes = crop_boxes(u, x.shape[2], x.shape[3], self.a.crop_scale, self.a.crop_ratio)
         return resized_crop(x, boxes, u[:, -1] < self.a.flip_p, self.size)
 
@@ -251,6 +274,6 @@ class FinetuneTransform:
 
     def __call__(self, x: torch.Tensor, epoch: int, index) -> torch.Tensor:
         x = x.float().div_(255)
-        u = crng.uniforms(self.seed, epoch, index, crng.FINETUNE, 2 * _CROP_TRIES + 3)
+        u = crng.uniforms(self.seed, epoch, index, crng.FINETUNE, 2 * CROP_TRIES + 3)
         boxes = crop_boxes(u, x.shape[2], x.shape[3], self.scale, self.ratio)
         return self.normalize(resized_crop(x, boxes, u[:, -1] < self.flip_p, self.size))

@@ -3,7 +3,6 @@ its own full-image feature among the patches of its dictionary."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -33,15 +32,6 @@ def denoising_contrast_loss(online: torch.Tensor, target: torch.Tensor, mask: to
     else:
         raise ValueError(f"dictionary must be 'image' or 'batch', not {dictionary!r}")
     return F.cross_entropy(logits, labels, reduction=reduction)
-
-
-class DenoisingContrastLoss(nn.Module):
-    def __init__(self, temperature: float = 0.1, dictionary: str = "image"):
-        super().__init__()
-        self.temperature, self.dictionary = temperature, dictionary
-
-    def forward(self, online, target, mask, reduction: str = "mean"):
-        return denoising_contrast_loss(online, target, mask, self.temperature, self.dictionary, reduction)
 
 
 def target_spread(target: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""Networks: a timm ViT that takes a patch mask, the per-token projector, the momentum encoder,
-and the fine-tuning classifier."""
+"""The encoder: any timm ViT or BEiT that takes a patch mask, the fine-tuning classifier on top of
+it, and the layer-wise lr decay groups of fine-tuning."""
 from __future__ import annotations
 
-import copy
+from typing import Optional
 
 import timm
 import torch
@@ -20,22 +20,20 @@ class MaskedViT(nn.Module):
     instead), and a BEiT with a shared relative position bias gets one table per block, filled
     from the shared one by :meth:`load_pretrained`, so each is decayed with its own block."""
 
-    def __init__(self, mcfg, drop_path: float = 0.0, for_finetune: bool = False):
+    def __init__(self, name: str, img_size: int, patch_size: int, *, embed_dim: Optional[int] = None,
+                 depth: Optional[int] = None, num_heads: Optional[int] = None, layer_scale_init: Optional[float] = None,
+                 shared_rel_pos_bias: bool = False, drop_path: float = 0.0, for_finetune: bool = False):
         super().__init__()
-        kw = dict(pretrained=False, num_classes=0, img_size=mcfg.img_size, patch_size=mcfg.patch_size,
+        kw = dict(pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size,
                   drop_path_rate=drop_path, global_pool="")  # "": the final norm is `norm`, not `fc_norm`
-        for k in ("embed_dim", "depth", "num_heads"):
-            if getattr(mcfg, k) is not None:
-                kw[k] = getattr(mcfg, k)
-        self.is_beit = mcfg.name.startswith(("beit_", "beitv2_"))
-        if mcfg.layer_scale_init is not None:
-            kw["init_values"] = mcfg.layer_scale_init
+        kw.update({k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads),
+                                     ("init_values", layer_scale_init)) if v is not None})
+        self.is_beit = name.startswith(("beit_", "beitv2_"))
         if self.is_beit:
-            shared = mcfg.shared_rel_pos_bias
-            kw.update(use_shared_rel_pos_bias=shared and not for_finetune, use_rel_pos_bias=shared and for_finetune,
-                      use_abs_pos_emb=not shared)
+            kw.update(use_shared_rel_pos_bias=shared_rel_pos_bias and not for_finetune,
+                      use_rel_pos_bias=shared_rel_pos_bias and for_finetune, use_abs_pos_emb=not shared_rel_pos_bias)
         try:
-            self.vit = timm.create_model(mcfg.name, **kw)
+            self.vit = timm.create_model(name, **kw)
         except RuntimeError as e:  # unknown model name
             raise ValueError(f"model.name: {e}") from None
         # parts of the timm model this forward never uses (pooling head): drop them, so that DDP
@@ -97,90 +95,6 @@ class MaskedViT(nn.Module):
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         return self.depth + 1
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm whose batch statistics cover every worker's batch (torch's SyncBatchNorm is
-    CUDA-only under DDP). Statistics are sums in float64 all-reduced with a differentiable
-    all-reduce, so one worker with batch B and N workers with B/N compute the same thing."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        import torch.distributed as dist
-        C = x.shape[1]
-        xd = x.double()
-        stats = torch.cat([xd.sum(0), (xd * xd).sum(0), xd.new_tensor([float(x.shape[0])])])
-        if dist.is_available() and dist.is_initialized():  # (a one-rank group: the GPU check forces collectives)
-            from torch.distributed.nn.functional import all_reduce
-            stats = all_reduce(stats)
-        n = stats[-1]
-        mean = stats[:C] / n
-        var = (stats[C: 2 * C] / n - mean * mean).clamp_min(0)
-        with torch.no_grad():
-            if self.track_running_stats:
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
-                self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), m)
-        y = ((xd - mean) / torch.sqrt(var + self.eps)).to(x.dtype)
-        return y * self.weight + self.bias if self.affine else y
-
-
-class Projector(nn.Module):
-    """The reference head on every token: (Linear -> BN -> ReLU) x2 -> Linear -> BN(affine=False).
-    ``sync_bn``: batch statistics over all workers (:class:`GlobalBatchNorm1d`)."""
-
-    def __init__(self, dim: int, hidden: int = 4096, out: int = 256, sync_bn: bool = False):
-        super().__init__()
-        bn = GlobalBatchNorm1d if sync_bn else nn.BatchNorm1d
-        self.net = nn.Sequential(
-            nn.Linear(dim, hidden, bias=False), bn(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden, bias=False), bn(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, out, bias=False), bn(out, affine=False),
-        )
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        B, P, D = tokens.shape
-        return self.net(tokens.reshape(B * P, D)).view(B, P, -1)
-
-
-class EncoderWithProjector(nn.Module):
-    """Encoder + projector: patch features [B, P, out] (CLS dropped)."""
-
-    def __init__(self, encoder: MaskedViT, projector: Projector):
-        super().__init__()
-        self.encoder, self.projector = encoder, projector
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.projector(self.encoder(x, mask)[:, 1:])
-
-
-class MomentumEncoder(nn.Module):
-    """An exact copy of a network whose parameters follow an EMA of the original's.
-
-    ``update`` does theta_k <- m * theta_k + (1 - m) * theta_q over parameters only (buffers are
-    the copy's own: its BatchNorm layers run in training mode), as one fused ``_foreach_lerp_``."""
-
-    def __init__(self, online: nn.Module):
-        super().__init__()
-        self.net = copy.deepcopy(online)
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, *args, **kwargs):
-        return self.net(*args, **kwargs)
-
-    @torch.no_grad()
-    def update(self, online: nn.Module, m: float) -> None:
-        k = [p for p in self.net.parameters()]
-        q = [p.detach() for p in online.parameters()]
-        torch._foreach_lerp_(k, q, 1.0 - m)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on ``device`` when ``enabled`` (bf16 needs no loss scaler)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 class Classifier(nn.Module):

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from conmim.config import ConfigError
+from conmim.config.errors import ConfigError
 
 # Never shipped: virtualenvs, results, tracking stores, data and git history.
 ROOT_EXCLUDES = (".venv", "venv", "runs", "ray_results", "mlruns", "mlartifacts", "data", ".git", ".pytest_cache",
@@ -168,18 +168,6 @@ def _stage_outside_file(src: Path, job_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # Submission
 # ---------------------------------------------------------------------------------------------
-@contextmanager
-def _data_checked_on_cluster():
-    """Client-side validation checks everything but dataset paths: the data lives on the cluster."""
-    import conmim.config as config
-    saved = config.check_data_paths
-    config.check_data_paths = lambda cfg, label: None
-    try:
-        yield
-    finally:
-        config.check_data_paths = saved
-
-
 def check_cluster_sweep(sweep) -> None:
     """Outputs of a cluster sweep must land where every node (and you) can reach them."""
     spec = sweep.spec
@@ -209,9 +197,8 @@ def entrypoint(sweep_entry: str, sets: tuple[str, ...] | list[str], resume: bool
 def submit_sweep(sweep_file: str, sets: tuple[str, ...], resume: bool, address: str,
                  echo: Callable[[str], None] = print) -> tuple[object, str]:
     """Validate here, ship the project, submit; returns (client, job id). Bad input: ConfigError."""
-    from conmim.sweep_config import load_sweep
-    with _data_checked_on_cluster():
-        sweep = load_sweep(sweep_file, list(sets))
+    from conmim.config.expand import load_sweep
+    sweep = load_sweep(sweep_file, list(sets), check_paths=False)  # the data lives on the cluster
     check_cluster_sweep(sweep)
     jc = client(address)
     job_id = f"conmim-{sweep.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"

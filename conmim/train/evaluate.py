@@ -1,4 +1,5 @@
-"""Frozen-feature proxies (linear probe, k-NN) and top-1 evaluation."""
+"""Evaluation: frozen-feature proxies (linear probe, k-NN) of a pre-trained encoder, and the
+top-1 of a classifier. Features and logits are computed under the fine-tuning's autocast."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conmim.model import autocast
-from conmim.transforms import EvalTransform
+from conmim.data.transforms import EvalTransform
+from conmim.train.session import Session, autocast
 
 
 @torch.no_grad()
@@ -20,7 +21,7 @@ def extract(encoder: nn.Module, images, cfg, device, batch_size: int = 512) -> t
     for i in range(0, len(images), batch_size):
         idx = np.arange(i, min(i + batch_size, len(images)))
         x = tf(images.batch(idx, cfg.model.img_size)).to(device, non_blocking=True)
-        with autocast(device, cfg.pretrain.amp):
+        with autocast(device, cfg.finetune.amp):
             tokens = encoder(x)
         out.append(tokens[:, 1:].float().mean(1).cpu())
     encoder.train()
@@ -88,3 +89,23 @@ def probes(encoder, splits, cfg, device) -> dict:
         out["linear_probe_top1"] = linear_probe_top1(ftr, train.labels, fte, test.labels, train.num_classes,
                                                      cfg.eval.probe_epochs, cfg.seed)
     return out
+
+
+@torch.no_grad()
+def top1(model: nn.Module, images, cfg, session: Session, batch_size: int = 512) -> float:
+    """Top-1 over ``images``, each worker scoring a disjoint slice."""
+    model.eval()
+    tf = EvalTransform(cfg.model.img_size, images.mean, images.std)
+    idx = np.array_split(np.arange(len(images)), session.world)[session.rank]
+    counts = torch.zeros(2, dtype=torch.float64, device=session.device)  # correct, seen
+    for i in range(0, len(idx), batch_size):
+        j = idx[i: i + batch_size]
+        x = tf(images.batch(j, cfg.model.img_size)).to(session.device, non_blocking=True)
+        y = torch.as_tensor(images.labels[j]).to(session.device, non_blocking=True)
+        with session.autocast(cfg.finetune.amp):
+            logits = model(x)
+        counts[0] += (logits.argmax(1) == y).sum()
+        counts[1] += len(j)
+    model.train()
+    tot = session.all_reduce_sum(counts)
+    return (tot[0] / tot[1]).item()

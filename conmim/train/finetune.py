@@ -1,23 +1,26 @@
-"""Fine-tuning a (pre-trained or random) encoder with a classifier, and top-1 on held-out data."""
+"""Fine-tuning a (pre-trained or random) encoder with a classifier, the reference's recipe:
+layer-wise lr decay, AdamW, cosine schedule, label smoothing, mixup/cutmix, RandAugment, random
+erasing; top-1 on the test and validation splits at the end."""
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from conmim import schedules
-from conmim.config import ExperimentConfig
-from conmim.data import ShardedBatches, batches, load_splits
-from conmim.model import Classifier, MaskedViT, autocast, param_groups
-from conmim.pretrain import DivergedError, _rng_state, _set_rng_state, resumable
-from conmim.session import Session
-from conmim.transforms import EvalTransform, FinetuneTransform
+from conmim.config.experiment import ExperimentConfig
+from conmim.data.sampler import ShardedBatches, batches
+from conmim.data.sources import load_splits
+from conmim.data.transforms import FinetuneTransform
+from conmim.failures import DivergedError
+from conmim.method.vit import Classifier, param_groups
+from conmim.train import checkpoint, schedules
+from conmim.train.build import build_encoder
+from conmim.train.evaluate import top1
+from conmim.train.session import Session
 
 
 def _randaug(spec: str, mean):
@@ -25,33 +28,9 @@ def _randaug(spec: str, mean):
     return rand_augment_transform(spec, {"translate_const": 100, "img_mean": tuple(int(255 * m) for m in mean)})
 
 
-@torch.no_grad()
-def top1(model: nn.Module, images, cfg: ExperimentConfig, session: Session, batch_size: int = 512) -> float:
-    """Top-1 over ``images``, each worker scoring a disjoint slice."""
-    model.eval()
-    tf = EvalTransform(cfg.model.img_size, images.mean, images.std)
-    idx = np.array_split(np.arange(len(images)), session.world)[session.rank]
-    counts = torch.zeros(2, dtype=torch.float64, device=session.device)  # correct, seen
-    for i in range(0, len(idx), batch_size):
-        j = idx[i: i + batch_size]
-        x = tf(images.batch(j, cfg.model.img_size)).to(session.device, non_blocking=True)
-        y = torch.as_tensor(images.labels[j]).to(session.device, non_blocking=True)
-        with autocast(session.device, cfg.pretrain.amp):
-            logits = model(x)
-        counts[0] += (logits.argmax(1) == y).sum()
-        counts[1] += len(j)
-    model.train()
-    tot = session.all_reduce_sum(counts)
-    return (tot[0] / tot[1]).item()
-
-
-def finetune_checkpoint_state(cfg: ExperimentConfig, session: Session) -> dict | None:
-    """The fine-tuning checkpoint this session restarts from, if any."""
-    return resumable(cfg, session, "finetune")
-
-
 def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None, carry: dict | None = None) -> dict:
-    """Fine-tune ``encoder_state`` (None when resuming from a fine-tuning checkpoint).
+    """Fine-tune ``encoder_state`` (a pre-trained or random encoder's weights; ignored when this
+    session resumes from a fine-tuning checkpoint).
 
     ``carry`` (earlier phases' summaries) is stored in every checkpoint, so that a run restarted
     during fine-tuning does not need to redo them. Returns finetune/val top-1 and timings."""
@@ -60,7 +39,7 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
     torch.manual_seed(cfg.seed + 1)
     splits = load_splits(cfg.data)
     train = splits["train"]
-    encoder = MaskedViT(cfg.model, drop_path=f.drop_path, for_finetune=True)
+    encoder = build_encoder(cfg, drop_path=f.drop_path, for_finetune=True)
     if encoder_state is not None:
         encoder.load_pretrained(encoder_state)
     encoder.mask_token.requires_grad_(False)
@@ -99,15 +78,18 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
 
     epoch, step = 0, 0
     history: list[dict] = []
-    state = finetune_checkpoint_state(cfg, session)
+    state = checkpoint.resumable(cfg, session, "finetune")
     if state is not None:
-        net.load_state_dict(state["classifier"])
-        opt.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
-        epoch, step, history = state["epoch"], state["step"], state["history"]
+        net.load_state_dict(state["weights"]["classifier"])
+        opt.load_state_dict(state["weights"]["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        epoch, step, history = state["epoch"], state["step"], state["extra"]["history"]
         session.log(f"[finetune] resumed at epoch {epoch}")
 
-    amp = autocast(session.device, cfg.pretrain.amp)
+    def save(path: Path) -> None:
+        checkpoint.save(path, "finetune", cfg, epoch, step, {"classifier": net.state_dict(), "optimizer": opt.state_dict()},
+                        {"history": history, "carry": carry or {}})
+
     while epoch < f.epochs:
         te = time.time()
         sampler = ShardedBatches(len(train), f.batch_size, session.rank, session.world, cfg.seed + 1, epoch)
@@ -118,7 +100,7 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
                 g["lr"] = float(lr_at[step]) * g["lr_scale"]
             if mixup is not None:
                 x, target = mixup(x, y)
-            with amp:
+            with session.autocast(f.amp):
                 logits = model(x)
             if mixup is not None:
                 loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -137,15 +119,8 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
              "epoch_seconds": time.time() - te}
         history.append(m)
         session.log(f"[finetune] epoch {epoch}/{f.epochs} loss {m['finetune_loss']:.4f} ({m['epoch_seconds']:.1f}s)")
-        tmp, ckpt_dir = None, None
-        if session.is_main and (epoch % cfg.pretrain.checkpoint_every == 0 or epoch == f.epochs):
-            tmp = tempfile.TemporaryDirectory(prefix="conmim-ft-")
-            torch.save({"phase": "finetune", "carry": carry or {}, "config": cfg.to_dict(), "classifier": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                        "step": step, "rng": _rng_state(), "history": history}, Path(tmp.name) / "state.pt")
-            ckpt_dir = tmp.name
-        session.report({**m, "phase": "finetune"}, ckpt_dir)
-        if tmp is not None:
-            tmp.cleanup()
+        due = epoch % f.checkpoint_every == 0 or epoch == f.epochs
+        session.report_epoch({**m, "phase": "finetune"}, save if due else None)
     return {"finetune_top1": top1(net, splits["test"], cfg, session),
             "finetune_val_top1": top1(net, splits["val"], cfg, session),
             "finetune_history": history, "finetune_seconds": time.time() - t0}

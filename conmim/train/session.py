@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,20 @@ class Session:
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
         raise NotImplementedError
+
+    def report_epoch(self, metrics: dict, save: Optional[Callable[[Path], object]] = None) -> None:
+        """Report ``metrics``; with ``save``, rank 0 first writes a checkpoint into a temporary
+        folder with it, which the report takes over (copies or uploads) before it is removed."""
+        if save is None or not self.is_main:
+            self.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="conmim-ckpt-") as d:
+            save(Path(d))
+            self.report(metrics, d)
+
+    def autocast(self, enabled: bool):
+        """bf16 autocast on this session's device when ``enabled`` (bf16 needs no loss scaler)."""
+        return autocast(self.device, enabled)
 
     def latest_checkpoint(self) -> Iterator[Optional[Path]]:
         """``with session.latest_checkpoint() as d``: the folder of the checkpoint to restart
@@ -99,10 +114,15 @@ class LocalSession(Session):
         self.ckpt_root = self.out_dir / "checkpoints" / phase
         self.history: list[dict] = []
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the latest checkpoint of this phase is (``conmim pretrain`` prints it)."""
+        return self.ckpt_root / "latest"
+
     def report(self, metrics, checkpoint_dir=None):
         self.history.append(dict(metrics))
         if checkpoint_dir is not None:
-            dst = self.ckpt_root / "latest"
+            dst = self.checkpoint_dir
             tmp = self.ckpt_root / ".latest.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(checkpoint_dir, tmp)
@@ -111,7 +131,7 @@ class LocalSession(Session):
 
     @contextmanager
     def latest_checkpoint(self):
-        p = self.ckpt_root / "latest"
+        p = self.checkpoint_dir
         yield p if (p / "state.pt").exists() else None
 
 
@@ -131,6 +151,14 @@ class RaySession(Session):
         import ray.train
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
+
+    def log(self, line: str) -> None:
+        """Also into the trial's ``train.log`` (a sweep keeps the workers' output off its console)."""
+        super().log(line)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "train.log", "a") as f:
+                f.write(line + "\n")
 
     @contextmanager
     def latest_checkpoint(self):
@@ -155,3 +183,8 @@ def set_threads(n: Optional[int]) -> None:
     if n:
         torch.set_num_threads(int(n))
         os.environ["OMP_NUM_THREADS"] = str(int(n))
+
+
+def autocast(device: torch.device | str, enabled: bool):
+    """bf16 autocast on ``device`` when ``enabled``."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)

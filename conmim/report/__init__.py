@@ -1,0 +1,48 @@
+"""``conmim report``: the sweep as a paper-style ablation table, with a forest plot.
+
+Every variant is compared with the reference variant (``report.baseline`` of the sweep file,
+default ``baseline``) on the primary metric (``report.metric``, default ``finetune_top1``), seed by
+seed: trials with the same seed share initialisation and data order, so the differences are paired
+(``conmim.stats``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from conmim.config.errors import ConfigError
+from conmim.config.sweep import default_tracking_uri
+from conmim.metrics import FINAL_METRICS
+from conmim.report.plot import forest_plot
+from conmim.report.rows import report_spec_from_mlflow, report_spec_of_sweep, rows_from_mlflow, rows_from_parquet, validated_spec
+from conmim.report.table import markdown, summarize
+
+
+def make_report(source: str | Path, tracking_uri: Optional[str] = None, out_dir: Optional[Path] = None) -> dict:
+    """Report of a sweep folder (results.parquet) or of an MLflow experiment by name."""
+    src = Path(source)
+    if (src / "results.parquet").exists():
+        rows, title = rows_from_parquet(src), src.name
+        state = json.loads((src / "sweep.json").read_text()) if (src / "sweep.json").exists() else {}
+        spec = validated_spec(report_spec_of_sweep(state), f"{state.get('sweep_file') or src / 'sweep.json'} (sweep)")
+        out_dir = out_dir or src
+    else:
+        uri = tracking_uri or default_tracking_uri()
+        rows, title, state = rows_from_mlflow(str(source), uri), str(source), {}
+        spec = validated_spec(report_spec_from_mlflow(str(source), uri), f"MLflow experiment '{source}' (sweep tags)")
+        out_dir = out_dir or Path(".")
+    if rows and spec.metric not in rows[0]:
+        raise ConfigError(f"report.metric = {spec.metric!r} is not a column of the sweep's results; columns: "
+                          f"{', '.join(k for k in rows[0] if k in FINAL_METRICS)}.")
+    summary = summarize(rows, spec.metric, spec.baseline)
+    md = markdown(summary, f"Ablation: {title}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(md)
+    ref = summary[0]["reference"] if summary else spec.baseline
+    png = forest_plot(summary, out_dir / "report.png", f"{title}: Δ {spec.metric} vs {ref}")
+    if state.get("parent_run_id"):
+        from conmim.tracking import client as mlflow_runs
+        c = mlflow_runs.client(state["tracking_uri"])
+        mlflow_runs.retry(c.log_artifact, state["parent_run_id"], str(out_dir / "report.md"))
+        mlflow_runs.retry(c.log_artifact, state["parent_run_id"], str(png))
+    return {"markdown": md, "summary": summary, "png": png, "report": out_dir / "report.md"}

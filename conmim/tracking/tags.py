@@ -1,0 +1,22 @@
+"""The names of the tags a sweep puts on its MLflow runs, written by the sweep and read back by
+the report: one home, so that the two cannot drift apart."""
+
+TRIAL = "conmim.trial"                 # the trial's name, on its child run: how a resumed sweep finds it
+SWEEP = "conmim.sweep"                 # the sweep's name, on its parent run
+ROLE = "conmim.role"                   # "sweep" (parent) or "trial" (child)
+REASON = "conmim.failure_reason"       # why a run ended FAILED or KILLED
+VARIANT = "conmim.variant"
+SEED = "conmim.seed"
+CANONICAL_HASH = "conmim.canonical_hash"
+ALIASES = "conmim.aliases"             # names of the trials that are the same experiment
+ALIAS_RECORDS = "conmim.alias_records"  # ... as JSON records (the report's rows from MLflow)
+OVERRIDES = "conmim.overrides"
+NOTE = "conmim.note"
+GIT_COMMIT = "conmim.git_commit"
+NODE_ID = "conmim.node_id"             # where rank 0 trained
+WARNING = "conmim.warning"             # collapsed pre-training, chance-level fine-tune
+PROBE_ENCODER = "conmim.probe_encoder"
+REPORT_METRIC = "conmim.report.metric"      # on the parent run: the report's primary metric
+REPORT_BASELINE = "conmim.report.baseline"  # ... and the variant every delta is taken against
+RAY_TRIAL_ID = "ray.trial_id"
+PARENT_RUN_ID = "mlflow.parentRunId"

@@ -1,0 +1,24 @@
+"""Where the config meets the networks: the encoder and the ConMIM module built from an
+experiment's keys (the networks themselves take plain arguments)."""
+from __future__ import annotations
+
+from conmim.config.experiment import ExperimentConfig
+from conmim.method.conmim import ConMIM
+from conmim.method.heads import EncoderWithProjector, Projector
+from conmim.method.vit import MaskedViT
+
+
+def build_encoder(cfg: ExperimentConfig, drop_path: float = 0.0, for_finetune: bool = False) -> MaskedViT:
+    m = cfg.model
+    return MaskedViT(m.name, m.img_size, m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+                     layer_scale_init=m.layer_scale_init, shared_rel_pos_bias=m.shared_rel_pos_bias,
+                     drop_path=drop_path, for_finetune=for_finetune)
+
+
+def build_conmim(cfg: ExperimentConfig) -> ConMIM:
+    encoder = build_encoder(cfg)  # drop-path 0 in pre-training, as the reference
+    projector = Projector(encoder.embed_dim, cfg.model.projector_hidden, cfg.model.projector_out,
+                          sync_bn=cfg.pretrain.sync_bn)
+    o = cfg.objective
+    return ConMIM(EncoderWithProjector(encoder, projector), target_encoder=o.target_encoder, stop_grad=o.stop_grad,
+                  temperature=o.temperature, dictionary=o.dictionary)

@@ -1,0 +1,51 @@
+"""MLflow calls are retried on transient errors, told apart by type (not by the text of a message),
+against a real SQLite store and a port where no server listens."""
+import sqlite3
+import time
+
+import pytest
+
+from conmim.tracking import client
+from conmim.tracking.buffer import fail_fast
+
+
+def test_a_locked_sqlite_store_is_retried():
+    """MLflow turns SQLite's "database is locked" (after its own 20 s busy wait) into this exception
+    (mlflow/store/db/utils.py); a concurrent writer releases the lock, the next try goes through."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+    tries = []
+
+    def write():
+        tries.append(time.time())
+        if len(tries) < 3:
+            try:
+                raise sqlite3.OperationalError("database is locked")
+            except sqlite3.OperationalError as e:
+                raise MlflowException(message=e, error_code=TEMPORARILY_UNAVAILABLE) from e
+        return "written"
+    assert client.retry(write) == "written" and len(tries) == 3
+    assert tries[2] - tries[1] > tries[1] - tries[0] > 0.1  # backing off
+
+
+def test_a_refused_connection_is_transient_and_a_missing_run_is_not(tmp_path):
+    from mlflow.exceptions import MlflowException
+    dead = client.client("http://127.0.0.1:9")
+    try:
+        with fail_fast():  # one try, not MLflow's minutes of retries
+            dead.search_experiments(max_results=1)
+    except MlflowException as e:
+        assert client.is_transient(e)
+    else:
+        pytest.fail("nothing listens on port 9")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client.experiment_id(uri, "x")
+    calls = []
+
+    def missing():
+        calls.append(1)
+        return client.client(uri).get_run("0" * 32)
+    with pytest.raises(MlflowException) as e:
+        client.retry(missing)
+    assert len(calls) == 1 and not client.is_transient(e.value)  # a real error is raised at once
+    assert not client.is_transient(ValueError("database is locked"))  # the words alone do not make it transient
