@@ -88,10 +88,11 @@ def test_nothing_disables_ray_token_auth_or_binds_publicly():
 
 def _sweep_file(tmp_path, name, variants, tracking_uri, **base_set):
     spec = {"name": name,
-            "base": {"config": "tiny", "set": {**SMALL, "resources.threads_per_worker": 1, **base_set}},
+            "base": {"config": "tiny", "set": {**{k: v for k, v in SMALL.items() if not k.startswith("resources.")},
+                                               **base_set}},
             "seeds": [0], "variants": variants, "storage": str(tmp_path / "ray_results"),
             # one Train worker of 2 CPUs per trial: two trials never fit on one 3-CPU node
-            "resources": {"num_workers": 1, "cpus_per_worker": 2, "max_concurrent_trials": 2},
+            "resources": {"num_workers": 1, "cpus_per_worker": 2, "threads_per_worker": 1, "max_concurrent_trials": 2},
             "mlflow": {"tracking_uri": tracking_uri}}
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(spec))

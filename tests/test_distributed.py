@@ -80,3 +80,16 @@ def test_cli_train_on_ray_writes_result_once(tmp_path):
     assert r["finetune_top1"] > 0.1 and r["config"]["resources"]["num_workers"] == 2
     assert [e["epoch"] for e in r["pretrain_history"]] == [1]
     assert list(tmp_path.glob("*.json")) == [tmp_path / "result.json"]
+
+
+def test_a_worker_exception_comes_back_typed(ray_session, small, tmp_path):
+    """An exception in a worker reaches the sweep as a TrialFailure (type, message, phase) read
+    from what the worker recorded, not by searching Ray's traceback text."""
+    from conmim.run.ray_train import TrialRunFailed, run_trial
+    cfg = small(pretrain__batch_size=4096, pretrain__lr_batch_size=4096, resources__max_failures=0)
+    with pytest.raises(TrialRunFailed) as e:
+        run_trial(cfg, tmp_path)
+    f = e.value.failure
+    assert (f.kind, f.error_type, f.phase) == ("error", "ValueError", "trial"), f
+    assert "pretrain.batch_size=4096 is larger than the 256 training images" in f.message
+    assert f.reason == f"ValueError: {f.message}"

@@ -277,3 +277,29 @@ def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
     tracking.log_config(uri, run, {"seed": 0}, tmp_path / "config.yaml")
     assert [p.name for p in (db.parent / "mlruns").rglob("config.yaml")] == ["config.yaml"]
     assert not (elsewhere / "mlruns").exists()
+
+
+def test_sweep_resources_are_the_experiments_keys_set_in_one_place(tmp_path):
+    """The sweep's `resources` section is the experiment's `resources` schema (every key, e.g.
+    threads_per_worker and max_failures, which a field-by-field copy once dropped) plus Tune's
+    max_concurrent_trials; a key also set by base.set or a variant is refused, not silently ranked."""
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\nbase: tiny\nresources: {threads_per_worker: 1, max_failures: 5, num_workers: 2, "
+                 "max_concurrent_trials: 3}\nvariants:\n  - {name: t02, set: {objective.temperature: 0.2}}\n")
+    sw = load_sweep(str(p))
+    for t in sw.trials:
+        r = t.config.resources
+        assert (r.threads_per_worker, r.max_failures, r.num_workers) == (1, 5, 2)
+    assert sw.spec.resources.max_concurrent_trials == 3
+    p.write_text("name: s\nbase: tiny\nresources: {num_workers: 2}\nvariants:\n"
+                 "  - {name: w1, set: {resources.num_workers: 1}}\n")
+    res = CliRunner().invoke(main, ["sweep", str(p), "--dry-run"])
+    assert res.exit_code == 2 and "resources.num_workers" in res.output and "one place" in res.output, res.output
+    p.write_text("name: s\nbase: tiny\nresources: {cpus_per_worker: 0}\n")
+    res = CliRunner().invoke(main, ["sweep", str(p), "--dry-run"])  # the experiment's limits hold here too
+    assert res.exit_code == 2 and "resources.cpus_per_worker" in res.output, res.output
+
+
+def test_an_old_key_says_where_it_went(tmp_path):
+    res = CliRunner().invoke(main, ["validate", "tiny", "--set", "pretrain.max_failures=3"])
+    assert res.exit_code == 2 and "resources.max_failures" in res.output, res.output

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field, create_model, field_validator, model_validator
+from pydantic import AfterValidator, Field, create_model, field_validator, model_validator
 
 from conmim.config.errors import Strict
 from conmim.config.experiment import ResourcesConfig
@@ -20,12 +20,16 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
-def _validation_metric(key: str, v: str) -> str:
+def _on_validation_split(v: str) -> str:
     if v not in VALIDATION_METRICS:
         what = "is measured on the test split" if v in FINAL_METRICS else "is not a known validation-split metric"
-        raise ValueError(f"{key} = {v!r} {what}, and a search may select only on validation data; "
+        raise ValueError(f"{v!r} {what}, and a search may select only on validation data; "
                          f"allowed: {', '.join(VALIDATION_METRICS)}")
     return v
+
+
+# A metric a search (Optuna, ASHA) may select on: the error names the key it was given for.
+ValidationMetric = Annotated[str, AfterValidator(_on_validation_split)]
 
 
 class BaseSpec(Strict):
@@ -59,26 +63,16 @@ class Distribution(Strict):
 
 class OptunaSpec(Strict):
     num_samples: int = Field(8, ge=1)
-    metric: str = Field("finetune_val_top1", description=f"a validation-split metric: {', '.join(VALIDATION_METRICS)}")
+    metric: ValidationMetric = Field("finetune_val_top1", description=f"one of {', '.join(VALIDATION_METRICS)}")
     mode: Literal["max", "min"] = "max"
     space: dict[str, Distribution] = Field(default_factory=dict)
 
-    @field_validator("metric")
-    @classmethod
-    def _on_validation(cls, v):
-        return _validation_metric("optuna.metric", v)
-
 
 class AshaSpec(Strict):
-    metric: str = Field("knn_proxy_top1", description="a metric reported every pre-training epoch")
+    metric: ValidationMetric = Field("knn_proxy_top1", description="a validation metric reported every pre-training epoch")
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, gt=1)
-
-    @field_validator("metric")
-    @classmethod
-    def _on_validation(cls, v):
-        return _validation_metric("asha.metric", v)
 
 
 class ReportSpec(Strict):
