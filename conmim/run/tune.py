@@ -130,6 +130,9 @@ def run_sweep(sweep: Sweep, resume: bool = False, report: bool = True, echo=prin
     # Ctrl-C (SIGINT) and `ray job stop` (SIGTERM) stop the sweep alike, through SignalStop.
     # Tune's own SIGINT handler would instead end the loop quietly and return as if it had finished.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # The sweep prints its own console (run/console.py). Ray's new output engine prints its
+    # experiment table and a TensorBoard hint even at verbose=0; its legacy reporter at 0 is silent.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     stop = SignalStop(d)
     links = mlflow_links(uri, exp_id, parent_id, sweep.path)
     console = SweepConsole(sweep, echo)
