@@ -7,7 +7,7 @@ from conmim.cli import main
 from conmim.config import load_config
 from conmim.data.sampler import ShardedBatches
 from conmim.data.sources import load_splits
-from conmim.data.transforms import PerImageCrop
+from conmim.data.geometry import PerImageCrop
 from conmim.data import rng as crng
 
 
@@ -67,3 +67,31 @@ def test_missing_dataset_is_a_clear_exit_2(tmp_path):
     res = CliRunner().invoke(main, ["validate", "tiny", "--set", f"data.root={tmp_path}"])
     assert res.exit_code == 2
     assert "data.root" in res.output and "apt-get install dataset-fashion-mnist" in res.output
+
+
+def test_reduced_size_jpeg_decoding_is_used_only_where_the_crop_stays_large(tmp_path, monkeypatch):
+    """data.decode_draft: a large photo's crop is decoded at 1/2-1/8 size (PIL's DCT scaling) when
+    the crop still spans >= 224 px there, and then matches the full decode closely; a 500x375
+    image's crops never qualify (they would be upsampled), so they are decoded in full."""
+    from PIL import Image as PILImage
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:900, 0:1200]
+    img = np.stack([np.sin(xx / 37.0) * 80 + 128, np.cos(yy / 23.0) * 80 + 128, (xx + yy) % 256], -1)
+    big = tmp_path / "big.jpg"
+    PILImage.fromarray(np.clip(img + g.normal(0, 4, img.shape), 0, 255).astype(np.uint8)).save(big, quality=95)
+    small = tmp_path / "small.jpg"
+    PILImage.open(big).resize((500, 375)).save(small, quality=95)
+    from PIL import JpegImagePlugin
+    scales = []
+    orig = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: scales.append(size) or orig(self, mode, size))
+    for path, expect_draft in ((big, True), (small, False)):
+        scales.clear()
+        idx = np.arange(16)
+        kw = dict(seed=0, epoch=0, size=224, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, stream=crng.GEOMETRY)
+        full = PerImageCrop(**kw, draft=False)([PILImage.open(path) for _ in idx], idx)
+        fast = PerImageCrop(**kw, draft=True)([PILImage.open(path) for _ in idx], idx)
+        assert bool(scales) == expect_draft, (path, scales)
+        diff = np.abs(np.stack([np.asarray(a, np.float32) - np.asarray(b, np.float32) for a, b in zip(full, fast)]))
+        assert diff.mean() < 2.0 and all(np.asarray(f).shape == (224, 224, 3) for f in fast), diff.mean()

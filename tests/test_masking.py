@@ -47,3 +47,23 @@ def test_masking_false_gives_all_false_mask_and_masks_are_deterministic():
     b = masks_for(gen, 1, 2, np.array([9]))
     assert (a[1] == b[0]).all()
     assert not (masks_for(gen, 1, 3, np.arange(20)) == masks_for(gen, 1, 2, np.arange(20))).all()
+
+
+@pytest.mark.parametrize("kind,grid,ratio,min_block,cell", [
+    ("block", 14, 75 / 196, 16, 2), ("block", 4, 0.4, 2, 2), ("random", 14, 0.6, 16, 2),
+    ("random_cells", 14, 0.75, 16, 2)])
+def test_every_mask_has_exactly_num_masking_patches(kind, grid, ratio, min_block, cell):
+    """A fixed count per image (the loss then has a fixed shape: no host round-trip per step).
+    BEiT's block loop alone ends a few patches short on a third of 14x14 masks; the top-up grows
+    the masked region by neighbouring patches, so the masks stay contiguous."""
+    from conmim.data.masking import loss_rows
+    gen = create_mask_generator(MaskingConfig(type=kind, ratio=ratio, min_block_patches=min_block, cell_size=cell), grid)
+    masks = masks_for(gen, seed=0, epoch=0, index=np.arange(1000)).numpy()
+    assert set(masks.sum(1)) == {gen.num_masking} and loss_rows(gen, grid * grid) == gen.num_masking
+    if kind == "block" and grid == 14:  # (on 4x4, blocks of one patch are BEiT's own: 2 %)
+        m = masks.reshape(-1, grid, grid)
+        nb = np.zeros_like(m)
+        nb[:, 1:] |= m[:, :-1]; nb[:, :-1] |= m[:, 1:]; nb[:, :, 1:] |= m[:, :, :-1]; nb[:, :, :-1] |= m[:, :, 1:]
+        assert (m & ~nb).sum() / m.sum() < 0.01  # (isolated patches: only from blocks of one patch)
+    off = create_mask_generator(MaskingConfig(enabled=False), grid)
+    assert loss_rows(off, grid * grid) == grid * grid

@@ -33,6 +33,19 @@ def test_loss_equals_hand_computation(dictionary):
     mask = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
     got = denoising_contrast_loss(online, target, mask, temperature=0.2, dictionary=dictionary)
     assert got.item() == pytest.approx(hand_loss(online, target, mask, 0.2, dictionary), rel=1e-5)
+
+
+@pytest.mark.parametrize("dictionary", ["image", "batch"])
+def test_fixed_rows_gather_the_same_loss(dictionary):
+    """With the same number of masked patches in every image (as the masking guarantees), the
+    fixed-shape gather gives the hand-computed loss too."""
+    g = torch.Generator().manual_seed(1)
+    online, target = torch.randn(3, 6, 4, generator=g), torch.randn(3, 6, 4, generator=g)
+    mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 1, 1, 0], [1, 1, 0, 0, 0, 1]], dtype=torch.bool)
+    got = denoising_contrast_loss(online, target, mask, temperature=0.2, dictionary=dictionary, rows=3)
+    assert got.item() == pytest.approx(hand_loss(online, target, mask, 0.2, dictionary), rel=1e-5)
+    free = denoising_contrast_loss(online, target, mask, 0.2, dictionary, reduction="sum")
+    assert denoising_contrast_loss(online, target, mask, 0.2, dictionary, "sum", rows=3).item() == pytest.approx(free.item())
     s = denoising_contrast_loss(online, target, mask, 0.2, dictionary, reduction="sum")
     assert s.item() == pytest.approx(got.item() * mask.sum().item(), rel=1e-5)
 

@@ -4,6 +4,8 @@ import torch
 
 from conmim.config.experiment import AugmentConfig
 from conmim.data.sources import load_splits
+from conmim.data.geometry import resized_crop
+from conmim.data.photometric import StrongPerturbation, _adjust_hue, _blend, _gaussian_blur, _gray
 from conmim.data.transforms import TwoViewTransform
 
 
@@ -40,7 +42,8 @@ def test_views_share_the_crop_when_photometric_ops_are_off(images):
 def test_only_the_strong_view_is_colour_perturbed(images, mode, perturbed):
     train, idx, x = images
     tf, (masked_view, full_view) = views(train, x, idx, mode)
-    geometry_only = tf.normalize(tf.shared_geometry(x, 0, idx))
+    p = tf.params(0, idx, 28, 28)
+    geometry_only = tf.normalize(resized_crop(x.float() / 255, p.boxes, p.flip, 28))
     for view, strong in zip((masked_view, full_view), perturbed):
         changed = (view - geometry_only).abs().flatten(1).amax(1) > 1e-4
         if strong:
@@ -60,3 +63,69 @@ def test_views_depend_only_on_seed_epoch_and_index(images):
     a2, b2 = tf(x[10:], 2, idx[10:])
     assert torch.allclose(a, torch.cat([a1, a2]), atol=1e-6)
     assert torch.allclose(b, torch.cat([b1, b2]), atol=1e-5)
+
+
+
+def subset_perturbation(sp: StrongPerturbation, x, t):
+    """The strong view as it was computed before the device path: each op on the selected images
+    only (index_copy of a subset, data-dependent shapes). The reference for the batched version."""
+    jit = t[:, 0] < sp.jitter_p
+    if jit.any():
+        idx = jit.nonzero().squeeze(1)
+        y, tj = x[idx], t[idx]
+        f = lambda col, s: 1 - s + 2 * s * tj[:, col]  # noqa: E731
+        y = _blend(y, torch.zeros_like(y), f(1, sp.brightness))
+        y = _blend(y, _gray(y).mean((1, 2, 3), keepdim=True).expand_as(y), f(2, sp.contrast))
+        y = _blend(y, _gray(y).expand_as(y), f(3, sp.saturation))
+        y = _adjust_hue(y, (2 * tj[:, 4] - 1) * sp.hue)
+        x = x.index_copy(0, idx, y)
+    gray = t[:, 5] < sp.grayscale_p
+    x = torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    blur = t[:, 6] < sp.blur_p
+    if blur.any():
+        idx = blur.nonzero().squeeze(1)
+        lo, hi = sp.blur_sigma
+        x = x.index_copy(0, idx, _gaussian_blur(x[idx], lo + (hi - lo) * t[idx, 7], hi))
+    sol = t[:, 8] < sp.solarize_p
+    return torch.where(sol.view(-1, 1, 1, 1) & (x >= 0.5), 1 - x, x)
+
+
+@pytest.mark.parametrize("mode", ["asymmetric", "symmetric_strong", "switched"])
+def test_device_path_views_equal_the_cpu_path(images, mode):
+    """The loader draws the parameters and ships uint8 pixels; the views are made after the
+    copy to the device. They equal the views made image by image on the CPU, with each strong op
+    applied only to the images that draw it (the CPU path this replaced), to float tolerance."""
+    from conmim.data import rng as crng
+    from conmim.data.sampler import EpochsOfBatches, batches
+    train, idx, x = images
+    tf = TwoViewTransform(AugmentConfig(blur_p=0.5), mode, 28, train.mean, train.std, seed=3)
+    loader = batches(lambda ep, index: (train.batch(index, 28), tf.params(ep, index, 28, 28)),
+                     EpochsOfBatches(len(idx), 32, 0, 1, 3, 4, 5), num_workers=1)
+    for (imgs, p), index in zip(loader, EpochsOfBatches(len(idx), 32, 0, 1, 3, 4, 5)):
+        masked, full = tf.views(imgs, p)  # "on the device"
+        index = index[1]
+        for i, j in enumerate(index):  # the CPU path, one image at a time
+            one = train.batch(np.array([j]), 28).float() / 255
+            u = crng.uniforms(3, 4, np.array([j]), crng.GEOMETRY, 23)
+            from conmim.data.geometry import flip_and_boxes
+            b, f = flip_and_boxes(u, 28, 28, tf.a.crop_scale, tf.a.crop_ratio, tf.a.flip_p)
+            one = resized_crop(one, torch.from_numpy(b).float(), torch.from_numpy(f), 28)
+            draws = {"strong": crng.uniforms(3, 4, np.array([j]), crng.STRONG_VIEW, 10),
+                     "strong2": crng.uniforms(3, 4, np.array([j]), crng.STRONG_VIEW_2, 10)}
+            kinds = tf.kinds
+            us = (draws["strong"], draws["strong2"] if kinds == ("strong", "strong") else draws["strong"])
+            for got, kind, uu in zip((masked[i], full[i]), kinds, us):
+                ref = subset_perturbation(tf.strong, one, torch.as_tensor(uu).float()) if kind == "strong" else one
+                torch.testing.assert_close(got, tf.normalize(ref)[0], rtol=0, atol=1e-5)
+
+
+def test_hue_shift_equals_torchvisions():
+    from torchvision.transforms.functional import adjust_hue
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 9, 9, generator=g)
+    x[0] = 0.5  # grey: no hue at all
+    x[1, :, :3] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)  # pure primaries at the case boundaries
+    shifts = torch.tensor([0.1, -0.5, 0.25, 0.0, 0.49, -0.33])
+    ours = _adjust_hue(x, shifts)
+    for i in range(6):
+        torch.testing.assert_close(ours[i], adjust_hue(x[i], float(shifts[i])), rtol=0, atol=2e-6)

@@ -19,7 +19,10 @@ class DataConfig(Strict):
     subset: Optional[int] = Field(None, ge=1, description="use only the first N training images (after the fixed shuffle)")
     eval_subset: Optional[int] = Field(None, ge=1, description="use only the first N validation and test images")
     val_size: int = Field(5000, ge=0, description="images held out of the training split for validation")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray Train worker")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray Train worker (decode, crop, "
+                             "masks; benchmarks/input_pipeline.py says how many a GPU needs)")
+    decode_draft: bool = Field(True, description="JPEG sources: decode at 1/2, 1/4 or 1/8 size when the crop still "
+                               "spans the output size at that scale (PIL Image.draft; much cheaper, nearly the same pixels)")
 
 
 class ModelConfig(Strict):
@@ -98,6 +101,8 @@ class PretrainConfig(Strict):
     compile: bool = False
     sync_bn: bool = Field(False, description="SyncBatchNorm in the projectors (the reference uses per-worker BN)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    log_every: int = Field(0, ge=0, description="steps between reading the loss statistics back from the device "
+                           "(a NaN is caught there, naming the steps); 0 = once per epoch")
 
 
 class FinetuneConfig(Strict):
@@ -119,6 +124,7 @@ class FinetuneConfig(Strict):
     encoder: Literal["momentum", "online"] = Field("momentum", description="which pre-trained encoder to fine-tune")
     amp: bool = Field(False, description="bf16 autocast (GPU), also for the probes' features and top-1")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    log_every: int = Field(0, ge=0, description="steps between reading the loss back from the device; 0 = once per epoch")
 
 
 class EvalConfig(Strict):

@@ -1,7 +1,9 @@
 """Patch masks: BEiT block-wise, random, and SimMIM-style random coarse cells.
 
 Each generator maps a per-image numpy Generator to a bool [grid*grid] mask (True = masked),
-so a mask depends only on (seed, epoch, image index)."""
+so a mask depends only on (seed, epoch, image index). Every mask of a generator has exactly
+``num_masking`` patches: the loss then gathers a tensor of fixed shape, with no host round-trip
+to learn how many rows there are (``loss_rows``)."""
 from __future__ import annotations
 
 import math
@@ -32,13 +34,11 @@ class BlockMasking:
             if w < self.grid and h < self.grid:
                 top = int(g.integers(0, self.grid - h + 1))
                 left = int(g.integers(0, self.grid - w + 1))
-                num_masked = mask[top: top + h, left: left + w].sum()
-                if 0 < h * w - num_masked <= max_patches:
-                    for i in range(top, top + h):
-                        for j in range(left, left + w):
-                            if not mask[i, j]:
-                                mask[i, j] = True
-                                delta += 1
+                block = mask[top: top + h, left: left + w]
+                new = h * w - int(block.sum())
+                if 0 < new <= max_patches:
+                    block[...] = True  # (a view: masks the block in place)
+                    delta = new
                 if delta > 0:
                     break
         return delta
@@ -52,6 +52,18 @@ class BlockMasking:
             if delta == 0:
                 break
             count += delta
+        # BEiT's loop stops when no block fits the remaining budget (on a 14x14 grid at 75 patches
+        # a third of the masks end a few patches short): the masked region then grows by random
+        # neighbouring patches until the count is exact, keeping the masks contiguous.
+        while count < self.num_masking:
+            near = np.zeros_like(mask)
+            near[1:] |= mask[:-1]
+            near[:-1] |= mask[1:]
+            near[:, 1:] |= mask[:, :-1]
+            near[:, :-1] |= mask[:, 1:]
+            cand = np.flatnonzero(near & ~mask)
+            mask.flat[g.choice(cand if len(cand) else np.flatnonzero(~mask))] = True
+            count += 1
         return mask.reshape(-1)
 
 
@@ -77,16 +89,19 @@ class RandomCellMasking:
             raise ValueError(f"masking.cell_size={cell} must divide the patch grid {grid}")
         self.grid, self.cell = grid, cell
         self.cells = grid // cell
-        self.num_masking = int(round(ratio * self.cells ** 2))
+        self.num_cells = int(round(ratio * self.cells ** 2))
+        self.num_masking = self.num_cells * cell * cell  # patches
 
     def __call__(self, g: np.random.Generator) -> np.ndarray:
         m = np.zeros(self.cells ** 2, dtype=bool)
-        m[g.permutation(self.cells ** 2)[: self.num_masking]] = True
+        m[g.permutation(self.cells ** 2)[: self.num_cells]] = True
         m = m.reshape(self.cells, self.cells).repeat(self.cell, 0).repeat(self.cell, 1)
         return m.reshape(-1)
 
 
 class NoMasking:
+    num_masking = 0
+
     def __init__(self, grid: int):
         self.P = grid * grid
 
@@ -103,6 +118,12 @@ def create_mask_generator(masking, grid: int):
     if masking.type == "random":
         return RandomMasking(grid, masking.ratio)
     return RandomCellMasking(grid, masking.ratio, masking.cell_size)
+
+
+def loss_rows(generator, num_patches: int) -> int:
+    """Rows of the loss per image: the masked patches, or every patch when nothing is masked
+    (``masking: false``: each patch is predicted from the unmasked view)."""
+    return generator.num_masking or num_patches
 
 
 def masks_for(generator, seed: int, epoch: int, index) -> torch.Tensor:

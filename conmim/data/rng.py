@@ -39,4 +39,5 @@ def uniforms(seed: int, epoch: int, index, stream: int, n: int) -> np.ndarray:
 
 def generators(seed: int, epoch: int, index, stream: int) -> list[np.random.Generator]:
     """A numpy Generator per image, for draws that need a sequential algorithm."""
-    return [np.random.default_rng(int(k)) for k in keys(seed, epoch, np.asarray(index), stream)]
+    # (= np.random.default_rng(k), without its argument dispatch: the same streams, ~40 % faster)
+    return [np.random.Generator(np.random.PCG64(int(k))) for k in keys(seed, epoch, np.asarray(index), stream)]

@@ -32,6 +32,22 @@ class ShardedBatches(torch.utils.data.Sampler):
             yield self.epoch, g[self.rank * per: (self.rank + 1) * per]
 
 
+class EpochsOfBatches(torch.utils.data.Sampler):
+    """The items of :class:`ShardedBatches` for epochs ``start`` .. ``stop - 1``, one epoch after
+    the other: one DataLoader, whose worker processes live for the whole run and prefetch across
+    the end of an epoch, instead of a new one (and new processes) per epoch."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start: int, stop: int):
+        self.epochs = [ShardedBatches(n, global_batch, rank, world, seed, e) for e in range(start, stop)]
+
+    def __len__(self) -> int:
+        return sum(len(e) for e in self.epochs)
+
+    def __iter__(self):
+        for e in self.epochs:
+            yield from e
+
+
 class BatchDataset(torch.utils.data.Dataset):
     """Maps an (epoch, indices) item of :class:`ShardedBatches` to a ready batch via ``fn``."""
 
@@ -46,8 +62,10 @@ class BatchDataset(torch.utils.data.Dataset):
         raise TypeError
 
 
-def batches(fn, sampler: ShardedBatches, num_workers: int = 0, pin_memory: bool = False):
-    """``pin_memory`` (for a GPU): page-locked batches, so that ``.to(device, non_blocking=True)``
-    really overlaps the copy with the step."""
-    return torch.utils.data.DataLoader(BatchDataset(fn), sampler=sampler, batch_size=None,
-                                       num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory)
+def batches(fn, sampler, num_workers: int = 0, pin_memory: bool = False):
+    """Batches ``fn(epoch, indices)`` for the items of ``sampler``, made by ``num_workers`` processes
+    (0: in this one), each prefetching a few batches ahead. ``pin_memory`` (for a GPU): page-locked
+    batches, so that ``.to(device, non_blocking=True)`` overlaps the copy with the step."""
+    return torch.utils.data.DataLoader(BatchDataset(fn), sampler=sampler, batch_size=None, num_workers=num_workers,
+                                       pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
+

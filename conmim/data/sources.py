@@ -57,21 +57,25 @@ class ImageSet:
 
     def batch(self, index, size: int, crop=None) -> torch.Tensor:
         """uint8 [B, 3, ., .]: raw pixels for fixed-size sources; for the others each image is
-        decoded and either cropped by ``crop`` (a :class:`conmim.data.transforms.PerImageCrop`) or
-        resized + centre-cropped."""
+        decoded and either cropped by ``crop`` (a :class:`conmim.data.geometry.PerImageCrop`, which
+        gets the images opened but not yet decoded) or resized + centre-cropped."""
         index = np.asarray(index)
         if self.pixels is not None:
             x = self.pixels[torch.as_tensor(index)]
             return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        imgs = [_decode(self.files[i]) for i in index]
-        out = crop(imgs, index) if crop is not None else [_center(im, size) for im in imgs]
+        imgs = [_open(self.files[i]) for i in index]
+        out = crop(imgs, index) if crop is not None else [_center(im.convert("RGB"), size) for im in imgs]
         return torch.stack([_pil_to_uint8(im) for im in out])
 
 
-def _decode(item):
+def _open(item):
+    """The image opened (its header read), not yet decoded."""
     from PIL import Image
-    im = Image.open(io.BytesIO(item)) if isinstance(item, (bytes, bytearray)) else Image.open(item)
-    return im.convert("RGB")
+    return Image.open(io.BytesIO(item)) if isinstance(item, (bytes, bytearray)) else Image.open(item)
+
+
+def _decode(item):
+    return _open(item).convert("RGB")
 
 
 def _center(im, size: int):

@@ -3,6 +3,8 @@ view (the target): a :class:`MomentumEncoder` copy, or the online network itself
 computes the whole denoising contrastive objective."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -21,13 +23,14 @@ class ConMIM(nn.Module):
     when the shared encoder runs twice (masked and full view)."""
 
     def __init__(self, online: EncoderWithProjector, *, target_encoder: str = "momentum", stop_grad: bool = True,
-                 temperature: float = 0.1, dictionary: str = "image"):
+                 temperature: float = 0.1, dictionary: str = "image", rows: Optional[int] = None):
         super().__init__()
         if target_encoder not in ("momentum", "shared"):
             raise ValueError(f"target_encoder must be 'momentum' or 'shared', not {target_encoder!r}")
         self.online = online
         self.momentum = MomentumEncoder(online) if target_encoder == "momentum" else None
         self.temperature, self.dictionary, self.stop_grad = temperature, dictionary, stop_grad
+        self.rows = rows  # masked patches per image when every mask has that many: a fixed-shape loss
 
     def forward(self, masked_view, full_view, mask, loss_mask):
         """Returns the loss summed over the masked patches (the caller normalises it by the
@@ -41,7 +44,8 @@ class ConMIM(nn.Module):
                 k = self.online(full_view)
         else:
             k = self.online(full_view)  # the key branch is differentiable: the ablation
-        loss_sum = denoising_contrast_loss(q, k, loss_mask, self.temperature, self.dictionary, reduction="sum")
+        loss_sum = denoising_contrast_loss(q, k, loss_mask, self.temperature, self.dictionary, reduction="sum",
+                                           rows=self.rows)
         return loss_sum, target_spread(k)
 
     def update_momentum(self, m: float) -> None:

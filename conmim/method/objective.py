@@ -2,13 +2,15 @@
 its own full-image feature among the patches of its dictionary."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 
 def denoising_contrast_loss(online: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                             temperature: float = 0.1, dictionary: str = "image",
-                            reduction: str = "mean") -> torch.Tensor:
+                            reduction: str = "mean", rows: Optional[int] = None) -> torch.Tensor:
     """Cross-entropy over masked patches.
 
     online, target: projector outputs [B, P, D] (CLS excluded, not normalised).
@@ -16,12 +18,21 @@ def denoising_contrast_loss(online: torch.Tensor, target: torch.Tensor, mask: to
     dictionary: ``"image"`` - negatives are the other P-1 patches of the same image;
                 ``"batch"`` - every patch of every image in ``target`` (on this worker).
     reduction: ``"mean"`` over masked patches, or ``"sum"`` (for averaging across workers).
+    rows: the number of masked patches of *every* image, when the masking guarantees one: the
+          loss then gathers fixed-size tensors (no data-dependent shape, so no device-to-host
+          round-trip per step and nothing that stops ``torch.compile``). None: any masks.
     """
     B, P, _ = online.shape
     dtype = torch.promote_types(online.dtype, torch.float32)  # fp32 at least, even under bf16 autocast
     q = F.normalize(online.to(dtype), dim=-1)
     k = F.normalize(target.to(dtype), dim=-1)
-    b_idx, p_idx = mask.nonzero(as_tuple=True)
+    if rows is None:
+        b_idx, p_idx = mask.nonzero(as_tuple=True)
+    else:
+        # the masked positions of each image, in increasing order (a stable sort puts the Trues first)
+        p_idx = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :rows]  # [B, M]
+        b_idx = torch.arange(B, device=mask.device).unsqueeze(1).expand(B, rows)
+        p_idx, b_idx = p_idx.reshape(-1), b_idx.reshape(-1)
     if dictionary == "image":
         # P x P logits per image are cheap; gathering keys per masked patch would not be.
         logits = torch.bmm(q, k.transpose(1, 2))[b_idx, p_idx] / temperature  # [M, P]

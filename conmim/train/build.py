@@ -3,6 +3,7 @@ experiment's keys (the networks themselves take plain arguments)."""
 from __future__ import annotations
 
 from conmim.config.experiment import ExperimentConfig
+from conmim.data.masking import create_mask_generator, loss_rows
 from conmim.method.conmim import ConMIM
 from conmim.method.heads import EncoderWithProjector, Projector
 from conmim.method.vit import MaskedViT
@@ -15,10 +16,15 @@ def build_encoder(cfg: ExperimentConfig, drop_path: float = 0.0, for_finetune: b
                      drop_path=drop_path, for_finetune=for_finetune)
 
 
+def mask_generator(cfg: ExperimentConfig):
+    return create_mask_generator(cfg.masking, cfg.model.grid)
+
+
 def build_conmim(cfg: ExperimentConfig) -> ConMIM:
     encoder = build_encoder(cfg)  # drop-path 0 in pre-training, as the reference
     projector = Projector(encoder.embed_dim, cfg.model.projector_hidden, cfg.model.projector_out,
                           sync_bn=cfg.pretrain.sync_bn)
     o = cfg.objective
     return ConMIM(EncoderWithProjector(encoder, projector), target_encoder=o.target_encoder, stop_grad=o.stop_grad,
-                  temperature=o.temperature, dictionary=o.dictionary)
+                  temperature=o.temperature, dictionary=o.dictionary,
+                  rows=loss_rows(mask_generator(cfg), cfg.model.grid ** 2))

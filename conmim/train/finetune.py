@@ -3,7 +3,6 @@ layer-wise lr decay, AdamW, cosine schedule, label smoothing, mixup/cutmix, Rand
 erasing; top-1 on the test and validation splits at the end."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conmim.config.experiment import ExperimentConfig
-from conmim.data.sampler import ShardedBatches, batches
+from conmim.data.sampler import EpochsOfBatches, ShardedBatches, batches
 from conmim.data.sources import load_splits
 from conmim.data.transforms import FinetuneTransform
 from conmim.failures import DivergedError
@@ -90,12 +89,14 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
         checkpoint.save(path, "finetune", cfg, epoch, step, {"classifier": net.state_dict(), "optimizer": opt.state_dict()},
                         {"history": history, "carry": carry or {}})
 
+    sampler = EpochsOfBatches(len(train), f.batch_size, session.rank, session.world, cfg.seed + 1, epoch, f.epochs)
+    loader = iter(batches(make, sampler, cfg.data.num_workers, pin_memory=session.device.type == "cuda"))
+    log_every = f.log_every or steps_per_epoch
     while epoch < f.epochs:
-        te = time.time()
-        sampler = ShardedBatches(len(train), f.batch_size, session.rank, session.world, cfg.seed + 1, epoch)
-        loss_sum, n = 0.0, 0
-        for x, y in batches(make, sampler, cfg.data.num_workers, pin_memory=session.device.type == "cuda"):
-            x, y = x.to(session.device, non_blocking=True), y.to(session.device, non_blocking=True)
+        te, first = time.time(), step
+        acc = torch.zeros(2, dtype=torch.float64, device=session.device)  # loss sum, non-finite steps
+        for _ in range(steps_per_epoch):
+            x, y = session.to_device(next(loader))
             for g in opt.param_groups:
                 g["lr"] = float(lr_at[step]) * g["lr_scale"]
             if mixup is not None:
@@ -106,16 +107,17 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
                 loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
             else:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=f.label_smoothing)
-            if not math.isfinite(loss.item()):
-                raise DivergedError(f"fine-tuning loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.item()
-            n += 1
+            acc += torch.stack([loss.detach().double(), (~torch.isfinite(loss.detach())).double()])
             step += 1
+            if (step - first) % log_every == 0 or step - first == steps_per_epoch:
+                loss_total, bad = acc.tolist()  # the one wait for the device in a logging interval
+                if bad:
+                    raise DivergedError(f"fine-tuning loss became nan or inf by step {step} (epoch {epoch + 1})")
         epoch += 1
-        m = {"epoch": epoch, "finetune_loss": loss_sum / max(n, 1), "finetune_lr": float(lr_at[step - 1]),
+        m = {"epoch": epoch, "finetune_loss": loss_total / steps_per_epoch, "finetune_lr": float(lr_at[step - 1]),
              "epoch_seconds": time.time() - te}
         history.append(m)
         session.log(f"[finetune] epoch {epoch}/{f.epochs} loss {m['finetune_loss']:.4f} ({m['epoch_seconds']:.1f}s)")

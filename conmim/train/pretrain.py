@@ -3,7 +3,6 @@ experiment exists, then per epoch: batches of two views and masks -> the objecti
 the momentum update; report (and checkpoint) once per epoch."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -12,14 +11,15 @@ import torch.nn as nn
 
 from conmim.config.experiment import ExperimentConfig
 from conmim.data import rng as crng
-from conmim.data.masking import create_mask_generator, masks_for
-from conmim.data.sampler import ShardedBatches, batches
+from conmim.data.masking import masks_for
+from conmim.data.sampler import EpochsOfBatches, ShardedBatches, batches
 from conmim.data.sources import load_splits
-from conmim.data.transforms import PerImageCrop, TwoViewTransform
+from conmim.data.geometry import PerImageCrop
+from conmim.data.transforms import TwoViewTransform
 from conmim.failures import DivergedError
 from conmim.method.vit import param_groups
 from conmim.train import checkpoint, faults, schedules
-from conmim.train.build import build_conmim
+from conmim.train.build import build_conmim, mask_generator
 from conmim.train.evaluate import knn_top1_of
 from conmim.train.session import Session
 
@@ -47,7 +47,7 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
 
     transform = TwoViewTransform(cfg.augment, cfg.objective.perturbation, cfg.model.img_size,
                                  train.mean, train.std, cfg.seed, geometry=train.fixed_size)
-    maskgen = create_mask_generator(cfg.masking, cfg.model.grid)
+    maskgen = mask_generator(cfg)
     steps_per_epoch = len(ShardedBatches(len(train), p.batch_size, 0, 1, cfg.seed, 0))
     if steps_per_epoch == 0:
         raise ValueError(f"pretrain.batch_size={p.batch_size} is larger than the {len(train)} training images")
@@ -74,47 +74,54 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
                    "momentum": net.momentum.state_dict() if net.momentum is not None else None}
         checkpoint.save(path, "pretrain", cfg, epoch, step, weights, {"history": history})
 
+    # The mean over every masked patch of the global batch, with a count fixed by the masking
+    # (every mask has `net.rows` patches): DDP averages gradients over workers, so each worker
+    # scales its sum by world / global count, and nothing is read back from the device per step.
+    global_rows = p.batch_size * net.rows
+    loader = iter(_batches(cfg, train, transform, maskgen, session, epoch))
+    log_every = p.log_every or steps_per_epoch
     step_losses = []
     while epoch < p.epochs:
-        te = time.time()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, steps, spread, grad_norm
+        te, first = time.time(), step
+        acc = torch.zeros(4, dtype=torch.float64, device=session.device)  # loss sum, spread, grad norm, non-finite
+        read = step  # the step of the last read-back
         net.train()
-        for masked_view, full_view, mask in _epoch_batches(cfg, train, transform, maskgen, session, epoch):
-            masked_view = masked_view.to(session.device, dtype, non_blocking=True)
-            full_view = full_view.to(session.device, dtype, non_blocking=True)
-            mask = mask.to(session.device, non_blocking=True)
+        for _ in range(steps_per_epoch):
+            images, params, mask = session.to_device(next(loader))
+            masked_view, full_view = (v.to(dtype) for v in transform.views(images, params))
             loss_mask = mask if cfg.masking.enabled else torch.ones_like(mask)
             for g in opt.param_groups:
                 g["lr"] = float(lr_at[step])
             with session.autocast(p.amp):
                 loss_sum, spread = model(masked_view, full_view, mask, loss_mask)
-            # Mean over all masked patches of the global batch: DDP averages gradients over
-            # workers, so each worker scales its sum by world / global count.
-            stats = session.all_reduce_sum(torch.stack([loss_sum.detach().double(), loss_mask.sum().double()]))
-            count = max(stats[1].item(), 1.0)
-            loss = faults.poison(cfg, step, loss_sum * session.world / count)
+            loss = faults.poison(cfg, step, loss_sum * session.world / global_rows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if manual_sync:
                 session.average_gradients(net.online.parameters())
             gn = nn.utils.clip_grad_norm_(net.online.parameters(), p.clip_grad or float("inf"))
-            step_loss = stats[0].item() / count
-            if not math.isfinite(loss.item()) or not math.isfinite(step_loss):
-                raise DivergedError(f"pre-training loss is {loss.item()} at step {step} (epoch {epoch})")
             opt.step()
             net.update_momentum(float(m_at[step]))
+            # (the loss sum from the loss itself, so that a NaN injected into it is counted)
+            acc += torch.stack([loss.detach().double() * (global_rows / session.world), spread.detach().double(),
+                                gn.detach().double(), (~torch.isfinite(loss.detach())).double()])
             step += 1
-            sums += torch.tensor([step_loss, 1.0, float(spread), float(gn)], dtype=torch.float64)
-            if cfg.debug.log_steps:
-                step_losses.append(step_loss)
+            if cfg.debug.log_steps:  # (a read-back per step: for the tests that compare runs step by step)
+                step_losses.append(session.all_reduce_sum(loss_sum.detach().double().clone()).item() / global_rows)
             faults.after_step(cfg, session.out_dir, session.rank, step)
+            if step - read == log_every and step - first < steps_per_epoch:
+                t = _read_back(session, acc, read, step, epoch)
+                session.log(f"[pretrain] epoch {epoch + 1} step {step - first}/{steps_per_epoch} "
+                            f"loss {t[0] / ((step - first) * global_rows):.4f}")
+                read = step
+        totals = _read_back(session, acc, read, step, epoch)
         epoch += 1
-        n = max(sums[1].item(), 1.0)
+        n = step - first
         metrics = {
-            "epoch": epoch, "step": step, "pretrain_loss": sums[0].item() / n,
+            "epoch": epoch, "step": step, "pretrain_loss": totals[0] / (n * p.batch_size * net.rows),
             "lr": float(lr_at[step - 1]) if step else 0.0,
             "momentum": float(m_at[step - 1]) if (step and net.momentum is not None) else float("nan"),
-            "grad_norm": sums[3].item() / n, "target_std": sums[2].item() / n,
+            "grad_norm": totals[2] / (n * session.world), "target_std": totals[1] / (n * session.world),
             "epoch_seconds": time.time() - te, **resumed,
         }
         resumed = {}
@@ -136,16 +143,29 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
             "pretrain_seconds": time.time() - t0, "net": net}
 
 
-def _epoch_batches(cfg: ExperimentConfig, train, transform, maskgen, session: Session, epoch: int):
-    """This worker's batches of one epoch: (masked-view input, full-view input, mask)."""
-    sampler = ShardedBatches(len(train), cfg.pretrain.batch_size, session.rank, session.world, cfg.seed, epoch)
+def _batches(cfg: ExperimentConfig, train, transform, maskgen, session: Session, start: int):
+    """This worker's batches from epoch ``start`` to the end, from one DataLoader: per batch the
+    uint8 images (cropped already for files of different sizes), the views' parameters and the
+    masks, all made host-side; the views themselves are computed on the training device."""
+    sampler = EpochsOfBatches(len(train), cfg.pretrain.batch_size, session.rank, session.world, cfg.seed, start,
+                              cfg.pretrain.epochs)
     a = cfg.augment
-    crop = None if train.fixed_size else PerImageCrop(cfg.seed, epoch, cfg.model.img_size, a.crop_scale, a.crop_ratio,
-                                                      a.flip_p, crng.GEOMETRY)
 
     def make(ep, index):
+        crop = None if train.fixed_size else PerImageCrop(cfg.seed, ep, cfg.model.img_size, a.crop_scale,
+                                                          a.crop_ratio, a.flip_p, crng.GEOMETRY, cfg.data.decode_draft)
         x = train.batch(index, cfg.model.img_size, crop=crop)
-        masked_view, full_view = transform(x, ep, index)
-        return masked_view, full_view, masks_for(maskgen, cfg.seed, ep, index)
+        return x, transform.params(ep, index, x.shape[2], x.shape[3]), masks_for(maskgen, cfg.seed, ep, index)
 
     return batches(make, sampler, cfg.data.num_workers, pin_memory=session.device.type == "cuda")
+
+
+def _read_back(session: Session, acc, since: int, last: int, epoch: int) -> list[float]:
+    """The epoch's accumulators summed over workers, read once (the only wait for the device in a
+    logging interval); a loss that became NaN or inf after step ``since`` ends the trial here
+    (an earlier one would have ended it at the earlier read-back)."""
+    totals = session.all_reduce_sum(acc.clone()).tolist()
+    if totals[3] > 0:
+        raise DivergedError(f"pre-training loss became nan or inf between steps {since + 1} and {last} "
+                            f"(epoch {epoch + 1})")
+    return totals

@@ -46,6 +46,16 @@ class Session:
             save(Path(d))
             self.report(metrics, d)
 
+    def to_device(self, batch):
+        """A batch (tensors, possibly in lists and (named) tuples, None allowed) on this session's device,
+        copied without waiting (from pinned memory, the copy overlaps the step)."""
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, (tuple, list)):  # (a DataLoader hands a batch's tuple over as a list)
+            moved = [self.to_device(b) for b in batch]
+            return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+        return batch
+
     def autocast(self, enabled: bool):
         """bf16 autocast on this session's device when ``enabled`` (bf16 needs no loss scaler)."""
         return autocast(self.device, enabled)
