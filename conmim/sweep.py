@@ -6,6 +6,7 @@ expansion), ``tune/`` (Ray Tune state, for ``--resume``), ``trials/<name>/`` (ch
 ``result.json`` or ``failed.json``), ``results.parquet``, ``report.md`` and ``report.png``."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -40,6 +41,32 @@ def preflight(sweep: Sweep, resume: bool) -> None:
         tracking.check_reachable(sweep.tracking_uri)
     except tracking.TrackingUnavailable as e:
         raise ConfigError(str(e)) from None
+
+
+def sweep_digest(sweep: Sweep) -> str:
+    """What the sweep is, independent of where its file lies: the sweep file's settings after
+    ``--set`` (as written, defaults not filled in) and its base experiment. Recorded in
+    ``sweep.json``; ``--resume-if-exists`` resumes only a folder made by the same sweep."""
+    doc = {"sweep": sweep.spec.model_dump(mode="json", exclude_unset=True), "base": sweep.base_raw}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_if_exists(sweep: Sweep) -> bool:
+    """``--resume-if-exists``: False for a new sweep folder; True when the folder holds this same
+    sweep (same digest); ConfigError when it holds another sweep or one that predates the digest.
+    For a job that is stopped and submitted again unchanged (a re-created KubeRay RayJob)."""
+    state = _state(sweep)
+    if not state:
+        return False
+    recorded = state.get("sweep_digest")
+    if recorded == sweep_digest(sweep):
+        return True
+    what = (f"was made by another sweep file or other settings (digest {recorded}, this one {sweep_digest(sweep)}; "
+            f"recorded sweep file: {state.get('sweep_file', '?')})" if recorded else
+            "records no sweep digest (it predates --resume-if-exists), so it cannot be told to be the same sweep")
+    raise ConfigError(f"{sweep.path}: --resume-if-exists: the sweep folder {sweep.dir} {what}. Nothing was started. "
+                      "Continue it anyway with --resume, or give this sweep another 'name' or 'storage', or delete "
+                      "the folder to start over.")
 
 
 def _state(sweep: Sweep) -> dict:
@@ -285,7 +312,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: Optional[str] = None,
     exp_id = tracking.experiment_id(uri, sweep.experiment)
     parent_id = tracking.parent_run(uri, exp_id, sweep.spec.name, state.get("parent_run_id"))
     state.update(name=sweep.spec.name, tracking_uri=uri, experiment=sweep.experiment, experiment_id=exp_id,
-                 parent_run_id=parent_id, sweep_file=str(sweep.path.resolve()))
+                 parent_run_id=parent_id, sweep_file=str(sweep.path.resolve()), sweep_digest=sweep_digest(sweep))
     write_json(d / "sweep.json", state)
     write_json(d / "trials.json", [_trial_record(t) for t in sweep.distinct + sweep.aliases])
     aliases: dict[str, list[dict]] = {}
