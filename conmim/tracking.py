@@ -61,7 +61,9 @@ def check_reachable(uri: str) -> None:
     try:
         retry(client(uri).search_experiments, max_results=1, tries=2)
     except Exception as e:  # noqa: BLE001
-        raise TrackingUnavailable(f"mlflow.tracking_uri: {redact_uri(uri)} does not answer as an MLflow store ({e}).") from None
+        login = (" It asks for a login (MLflow basic auth): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."
+                 if re.search(r"\b401\b", str(e)) else "")
+        raise TrackingUnavailable(f"mlflow.tracking_uri: {redact_uri(uri)} does not answer as an MLflow store ({e}).{login}") from None
 
 
 def redact_uri(uri: str) -> str:
