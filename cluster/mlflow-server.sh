@@ -12,7 +12,7 @@
 #   MLFLOW_PORT                  (default 5000)
 #   CONMIM_MLFLOW_DIR            state folder for the defaults below (default ./mlflow-server)
 #   MLFLOW_BACKEND_STORE_URI     runs, params, metrics: sqlite:////abs/path.db (one server process,
-#                                fine for a team's sweeps) or postgresql://... (several servers, HA)
+#                                fine for a team's sweeps) or postgresql://... (durable, several servers)
 #   MLFLOW_ARTIFACTS_DESTINATION where artifacts are stored: a folder on a shared filesystem, or
 #                                s3://, gs://, wasbs:// (the server needs the cloud credentials; the
 #                                clients do not: they upload through the server, --serve-artifacts)
@@ -20,16 +20,27 @@
 #                                127.0.0.1, localhost -- the names clients and tunnels use)
 #   MLFLOW_WORKERS               server worker processes (default 1 with SQLite, which has one
 #                                writer at a time; 4 with PostgreSQL)
+#   MLFLOW_AUTH=1                MLflow's basic-auth app (--app-name basic-auth): every request needs a
+#                                user and password; clients send MLFLOW_TRACKING_USERNAME/PASSWORD.
+#                                REQUIRED for any MLFLOW_HOST other than loopback.
+#   MLFLOW_AUTH_ADMIN_PASSWORD   with MLFLOW_AUTH=1: the admin's password (required; MLflow creates the
+#                                admin with it on first start). MLFLOW_AUTH_ADMIN_USERNAME: default admin
+#   MLFLOW_AUTH_DATABASE_URI     with MLFLOW_AUTH=1: the users/permissions store (default
+#                                sqlite:///$STATE/basic_auth.db; postgresql://... beside the backend store)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  with MLFLOW_AUTH=1: CSRF key (default: random per start; set the
+#                                same one on every replica when several servers share the stores)
+#   Basic auth needs MLflow's auth extra (pip install 'mlflow[auth]': Flask-WTF), in the image.
 #
-# Exposing it safely. MLflow has no authentication unless asked, and anyone who can reach it can
-# read and delete every run. Keep the default 127.0.0.1 and reach it through an SSH tunnel
-# (`ssh -L 5000:127.0.0.1:5000 head`). When the cluster's nodes must reach it (trials on worker
-# nodes log to it), bind it to the head's *private* address (MLFLOW_HOST=10.0.1.23) inside a VPC
-# whose security group admits only the cluster's nodes -- never 0.0.0.0 on a public interface --
-# and tunnel to that address (`ssh -L 5000:10.0.1.23:5000 head`). Add MLflow's basic auth
-# (MLFLOW_AUTH=1: `--app-name basic-auth`, users in basic_auth.ini) or put an authenticating proxy
-# (TLS) in front of it for anything wider. With a non-loopback MLFLOW_HOST the script also sets
-# --allowed-hosts to that host, so DNS-rebinding requests with other Host headers are refused.
+# Exposing it safely. Without authentication anyone who can reach MLflow can read and delete every
+# run, so this script serves without it only on loopback (127.0.0.1, ::1, localhost): reach it
+# through an SSH tunnel (`ssh -L 5000:127.0.0.1:5000 head`) or put an authenticating proxy (TLS) on
+# the same machine in front of it. When the cluster's nodes must reach it (trials on worker nodes log
+# to it), bind it to the head's *private* address (MLFLOW_HOST=10.0.1.23) WITH MLFLOW_AUTH=1 -- the
+# script refuses otherwise (exit 2) -- inside a VPC whose security group admits only the cluster's
+# nodes, never 0.0.0.0 on a public interface, and tunnel to that address (`ssh -L 5000:10.0.1.23:5000
+# head`). With a non-loopback MLFLOW_HOST the script also sets --allowed-hosts to that host, so
+# DNS-rebinding requests with other Host headers are refused. Basic auth sends the password with
+# every request: on an untrusted network put TLS in front (an authenticating proxy), or use a tunnel.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -47,13 +58,48 @@ ARTIFACTS="${MLFLOW_ARTIFACTS_DESTINATION:-$STATE/artifacts}"
 args=(server --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS" --serve-artifacts
       --host "$HOST" --port "$PORT")
 if [[ "$BACKEND" == sqlite:* ]]; then args+=(--workers "${MLFLOW_WORKERS:-1}"); else args+=(--workers "${MLFLOW_WORKERS:-4}"); fi
-if [[ "$HOST" != "127.0.0.1" && "$HOST" != "localhost" ]]; then
-  echo "mlflow-server: binding to $HOST -- make sure only the cluster's nodes can reach it (see the header)" >&2
-  args+=(--allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-$HOST,$HOST:$PORT,127.0.0.1,127.0.0.1:$PORT,localhost,localhost:$PORT}")
+loopback=0
+case "$HOST" in 127.*|localhost|::1|"[::1]") loopback=1 ;; esac
+auth="${MLFLOW_AUTH:-}"
+if [[ -n "$auth" && "$auth" != 1 && "$auth" != 0 ]]; then
+  echo "mlflow-server: MLFLOW_AUTH=$auth: use MLFLOW_AUTH=1 (basic auth) or leave it unset" >&2; exit 2
 fi
-if [[ -n "${MLFLOW_AUTH:-}" ]]; then
+if [[ $loopback == 0 && "$auth" != 1 ]]; then
+  echo "mlflow-server: refusing to serve MLflow on $HOST without authentication: anyone who reaches it could" \
+       "read and delete every run. Set MLFLOW_AUTH=1 (basic auth, with MLFLOW_AUTH_ADMIN_PASSWORD) or bind to" \
+       "127.0.0.1 and reach it through a tunnel or an authenticating proxy (see the header of $0)." >&2
+  exit 2
+fi
+if [[ "$auth" == 1 ]]; then
+  if [[ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" || "${MLFLOW_AUTH_ADMIN_PASSWORD}" == password1234 ]]; then
+    echo "mlflow-server: MLFLOW_AUTH=1 needs MLFLOW_AUTH_ADMIN_PASSWORD (a strong password, e.g." \
+         "python -c 'import secrets; print(secrets.token_urlsafe(24))'); clients log in with" \
+         "MLFLOW_TRACKING_USERNAME=${MLFLOW_AUTH_ADMIN_USERNAME:-admin} and MLFLOW_TRACKING_PASSWORD." >&2
+    exit 2
+  fi
+  export MLFLOW_AUTH_ADMIN_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}" MLFLOW_AUTH_ADMIN_PASSWORD
+  # the auth app's CSRF key: give the same MLFLOW_FLASK_SERVER_SECRET_KEY to every replica of a
+  # multi-server deployment; one server gets a random one per start
+  export MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
+  if [[ -z "${MLFLOW_AUTH_CONFIG_PATH:-}" ]]; then
+    # The auth app's settings; may hold a database password, so in a private folder of this
+    # machine, not in the (shared) state folder. configparser needs '%' doubled.
+    conf_dir="$(mktemp -d "${TMPDIR:-/tmp}/mlflow-auth.XXXXXX")"
+    chmod 700 "$conf_dir"
+    auth_db="${MLFLOW_AUTH_DATABASE_URI:-sqlite:///$STATE/basic_auth.db}"
+    ( umask 077
+      printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = %s\nadmin_username = %s\nauthorization_function = %s\n' \
+        "${auth_db//\%/%%}" "$MLFLOW_AUTH_ADMIN_USERNAME" "mlflow.server.auth:authenticate_request_basic_auth" \
+        > "$conf_dir/basic_auth.ini" )
+    export MLFLOW_AUTH_CONFIG_PATH="$conf_dir/basic_auth.ini"
+  fi
   args+=(--app-name basic-auth)
 fi
+if [[ $loopback == 0 ]]; then
+  echo "mlflow-server: binding to $HOST (basic auth on) -- make sure only the cluster's nodes can reach it" >&2
+  args+=(--allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-$HOST,$HOST:$PORT,127.0.0.1,127.0.0.1:$PORT,localhost,localhost:$PORT}")
+fi
 
-echo "MLflow tracking server: http://$HOST:$PORT  (runs: ${BACKEND%%://*}://..., artifacts: $ARTIFACTS)" >&2
+echo "MLflow tracking server: http://$HOST:$PORT  (runs: ${BACKEND%%://*}://..., artifacts: $ARTIFACTS," \
+     "auth: $([[ "$auth" == 1 ]] && echo "basic, admin ${MLFLOW_AUTH_ADMIN_USERNAME}" || echo "none, loopback only"))" >&2
 exec "$MLFLOW_BIN" "${args[@]}"

@@ -32,10 +32,6 @@ def friendly_errors(fn):
     return wrapper
 
 
-def _load(config: str, sets: tuple[str, ...]):
-    return load_config(config, list(sets))
-
-
 def _print_result(result, out: Path) -> None:
     from conmim.trial import RESULT_FILE
     click.echo(json.dumps(result.summary(), indent=2))
@@ -58,7 +54,7 @@ def main():
 def validate(config, sets):
     """Print the resolved config (and its canonical id), or say what is wrong with it."""
     from conmim.config import canonical_hash
-    cfg = _load(config, sets)
+    cfg = load_config(config, list(sets))
     click.echo(cfg.to_yaml(), nl=False)
     click.echo(f"# canonical experiment id: {canonical_hash(cfg)}")
 
@@ -79,7 +75,7 @@ def _run_options(fn):
 @friendly_errors
 def train(config, sets, out, backend, address):
     """Pre-train, probe and fine-tune one configuration; writes OUT/result.json."""
-    cfg = _load(config, sets)
+    cfg = load_config(config, list(sets))
     out = Path(out).resolve()
     if backend == "process":
         from conmim.trial import run_in_process
@@ -96,7 +92,7 @@ def train(config, sets, out, backend, address):
 @friendly_errors
 def pretrain(config, sets, out, backend, address):
     """Pre-train only; prints the final loss and the folder of the last checkpoint."""
-    cfg = _load(config, sets)
+    cfg = load_config(config, list(sets))
     out = Path(out).resolve()
     if backend == "process":
         from conmim.train.pretrain import pretrain as run
@@ -117,7 +113,7 @@ def pretrain(config, sets, out, backend, address):
 @friendly_errors
 def finetune(config, checkpoint, sets, out, backend, address):
     """Fine-tune the encoder of a pre-training checkpoint (finetune.encoder picks which)."""
-    cfg = _load(config, sets)
+    cfg = load_config(config, list(sets))
     out = Path(out).resolve()
     if not (Path(checkpoint) / "state.pt").exists():
         raise UsageProblem(f"--checkpoint {checkpoint}: no state.pt inside; pass a folder written by 'conmim pretrain'.")
@@ -140,29 +136,43 @@ def finetune(config, checkpoint, sets, out, backend, address):
 @click.option("--dry-run", is_flag=True, help="Print the trial table and counts; start nothing.")
 @click.option("--resume", is_flag=True, help="Continue the sweep in its storage: finished trials are not re-run.")
 @click.option("--address", default=None,
-              help="Submit the sweep as a Ray job to the cluster whose dashboard is here (http://HEAD:8265); "
+              help="Submit the sweep as a Ray job to the cluster whose dashboard is here (http://127.0.0.1:8265 "
+                   "through a tunnel, or https://...); "
                    "default: run it on a local Ray (or the one RAY_ADDRESS names).")
 @click.option("--no-follow", is_flag=True, help="With --address: print the job id and return; do not stream the logs.")
+@click.option("--resume-if-exists", is_flag=True,
+              help="Resume when the sweep folder exists and was made by this same sweep (file and --set), else start "
+                   "it; refuse a folder of another sweep. For jobs re-submitted unchanged (a re-created RayJob).")
+@click.option("--insecure-http", is_flag=True,
+              help="With --address: send the Ray token over plain http:// to a host that is not this machine "
+                   "(refused otherwise: use https:// or a tunnel to 127.0.0.1).")
 @friendly_errors
-def sweep(sweep_file, sets, dry_run, resume, address, no_follow):
+def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exists, insecure_http):
     """Run an ablation sweep: Ray Tune trials, each pre-trained and fine-tuned on Ray Train,
     every trial an MLflow run, results in STORAGE/NAME/results.parquet and a report.
 
     With --address the project is shipped to the cluster and the sweep runs there as a Ray job;
     Ctrl-C stops following its logs and leaves the job running (conmim jobs stop ends it)."""
     from conmim.config.expand import load_sweep, trial_table
+    if resume and resume_if_exists:
+        raise UsageProblem("--resume and --resume-if-exists: give one (--resume requires the sweep folder; "
+                           "--resume-if-exists resumes it only when it exists and holds this same sweep).")
     if address and not dry_run:
-        _submit_sweep(sweep_file, sets, resume, address, not no_follow)
+        _submit_sweep(sweep_file, sets, resume, address, not no_follow, resume_if_exists, insecure_http)
         return
-    sw = load_sweep(sweep_file, list(sets))
+    sw = load_sweep(sweep_file, list(sets), check_paths=not address)  # a cluster's data lives on the cluster
     if dry_run:
         click.echo(trial_table(sw))
         extra = f", Optuna samples: {sw.spec.optuna.num_samples}" if sw.spec.search == "optuna" else ""
         click.echo(f"\n{len(sw.trials)} trials: {len(sw.distinct)} distinct, {len(sw.aliases)} aliases{extra}")
         return
-    from conmim.run.tune import run_sweep
+    from conmim.run import tune
+    if resume_if_exists:
+        resume = tune.resume_if_exists(sw)
+        click.echo(f"--resume-if-exists: {'resuming the existing' if resume else 'starting the new'} sweep folder "
+                   f"{sw.dir}")
     try:
-        counts = run_sweep(sw, resume=resume, echo=click.echo)
+        counts = tune.run_sweep(sw, resume=resume, echo=click.echo)
     except KeyboardInterrupt as e:
         how = getattr(e, "signame", "SIGINT")  # SIGTERM: `ray job stop` / `conmim jobs stop`
         click.echo(f"\n{'interrupted' if how == 'SIGINT' else 'stopped (' + how + ')'}: trials stopped, their "
@@ -175,10 +185,11 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow):
         click.echo(report_path.read_text())
 
 
-def _submit_sweep(sweep_file, sets, resume, address, follow_logs):
+def _submit_sweep(sweep_file, sets, resume, address, follow_logs, resume_if_exists=False, insecure_http=False):
     from conmim.run import jobs
     try:
-        jc, job_id = jobs.submit_sweep(sweep_file, sets, resume, address, echo=click.echo)
+        jc, job_id = jobs.submit_sweep(sweep_file, sets, resume, address, echo=click.echo,
+                                       resume_if_exists=resume_if_exists, insecure_http=insecure_http)
     except jobs.JobsError as e:
         raise UsageProblem(str(e)) from None
     click.echo(jobs.hints(job_id, address))
@@ -201,6 +212,10 @@ def _submit_sweep(sweep_file, sets, resume, address, follow_logs):
 ADDRESS_OPTION = click.option("--address", required=True, envvar="RAY_API_SERVER_ADDRESS",
                               help="The Ray dashboard's address, e.g. http://127.0.0.1:8265 "
                                    "(or set RAY_API_SERVER_ADDRESS).")
+INSECURE_HTTP_OPTION = click.option(
+    "--insecure-http", is_flag=True,
+    help="Send the Ray token over plain http:// to a host that is not this machine (refused otherwise: "
+         "use https:// or a tunnel to 127.0.0.1).")
 
 
 @main.group()
@@ -219,21 +234,24 @@ def _jobs_call(fn, *a, **kw):
 @jobs.command("status")
 @click.argument("job_id")
 @ADDRESS_OPTION
-def jobs_status(job_id, address):
+@INSECURE_HTTP_OPTION
+def jobs_status(job_id, address, insecure_http):
     """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and details."""
     from conmim.run import jobs as j
-    click.echo(json.dumps(_jobs_call(j.status, address, job_id), indent=2))
+    click.echo(json.dumps(_jobs_call(j.status, address, job_id, insecure_http=insecure_http), indent=2))
 
 
 @jobs.command("logs")
 @click.argument("job_id")
 @ADDRESS_OPTION
 @click.option("--follow", "-f", "follow_logs", is_flag=True, help="Keep streaming until the job ends.")
-def jobs_logs(job_id, address, follow_logs):
+@INSECURE_HTTP_OPTION
+def jobs_logs(job_id, address, follow_logs, insecure_http):
     """Print the job's driver output (the sweep's progress)."""
     from conmim.run import jobs as j
     try:
-        final = _jobs_call(j.logs, address, job_id, follow_logs, lambda text: click.echo(text, nl=False))
+        final = _jobs_call(j.logs, address, job_id, follow_logs, lambda text: click.echo(text, nl=False),
+                           insecure_http=insecure_http)
     except KeyboardInterrupt:
         click.echo(f"\nstopped following; job {job_id} keeps running.", err=True)
         sys.exit(130)
@@ -245,10 +263,11 @@ def jobs_logs(job_id, address, follow_logs):
 @click.argument("job_id")
 @ADDRESS_OPTION
 @click.option("--timeout", default=90, show_default=True, help="Seconds to wait for the job to end.")
-def jobs_stop(job_id, address, timeout):
+@INSECURE_HTTP_OPTION
+def jobs_stop(job_id, address, timeout, insecure_http):
     """Stop the job: its driver gets SIGTERM and ends the trials' MLflow runs as KILLED."""
     from conmim.run import jobs as j
-    final = _jobs_call(j.stop, address, job_id, timeout)
+    final = _jobs_call(j.stop, address, job_id, timeout, insecure_http=insecure_http)
     click.echo(f"job {job_id}: {final}")
     if final not in ("STOPPED", "SUCCEEDED", "FAILED"):
         click.echo(f"still {final} after {timeout} s; check again with: conmim jobs status {job_id} --address {address}",

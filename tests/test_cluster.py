@@ -29,21 +29,132 @@ import local_cluster  # noqa: E402  (cluster/local_cluster.py)
 # ---------------------------------------------------------------------------------------------
 # Static checks: fast, nothing started
 # ---------------------------------------------------------------------------------------------
-def test_launcher_yaml_is_valid_for_the_installed_ray():
+LAUNCHERS = ["aws-p5-paper.yaml", "aws-g5-small.yaml"]
+GPUS_PER_INSTANCE = {"p5.48xlarge": 8, "g5.2xlarge": 1}   # AWS instance specifications
+IMAGENET = "/mnt/datasets/imagenet-parquet"                # the one dataset path of every doc and manifest
+
+
+def _launcher(name):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _gpu_type(cfg):
+    return next(t for k, t in cfg["available_node_types"].items() if k != cfg["head_node_type"])
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_yaml_is_valid_for_the_installed_ray(name):
     import jsonschema
     import ray
     from ray.autoscaler._private.util import prepare_config, validate_config
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    cfg = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    cfg = _launcher(name)
     jsonschema.validate(cfg, schema)
     validate_config(prepare_config(cfg))  # Ray's own check, after its provider defaults are filled in
     assert cfg["head_node_type"] in cfg["available_node_types"]
-    gpu = [t for t in cfg["available_node_types"].values() if "g5" in t["node_config"].get("InstanceType", "")]
-    assert gpu and gpu[0]["max_workers"] >= 1 and gpu[0].get("min_workers", 0) == 0  # autoscaling GPU workers
-    assert any("pip install" in c and "conmim" in c for c in cfg["setup_commands"])  # installs this project
+    head = cfg["available_node_types"][cfg["head_node_type"]]["node_config"]
+    assert head["InstanceType"].startswith(("m6i.", "m7i.", "c6i.")) and head["InstanceType"] not in GPUS_PER_INSTANCE
+    gpu = _gpu_type(cfg)
+    assert gpu["node_config"]["InstanceType"] in GPUS_PER_INSTANCE and gpu["max_workers"] >= 1
+    assert gpu.get("min_workers", 0) == 0  # autoscaling GPU workers
+    # the project comes with the image, from a registry, pinned by digest (a placeholder you fill in)
+    image = cfg["docker"]["image"]
+    assert "/conmim@sha256:" in image and "FILL_IN" in image and not image.startswith("rayproject/")
+    assert not any("pip install" in c for c in cfg["setup_commands"])  # nothing re-installed on the nodes
+    assert any("docker login" in c and "ecr get-login-password" in c for c in cfg["initialization_commands"])
+    # the security group is yours, created before `ray up` (Ray creates none: every node type names it)
+    for t in cfg["available_node_types"].values():
+        nc = t["node_config"]
+        groups = nc.get("SecurityGroupIds") or [g for ni in nc.get("NetworkInterfaces", []) for g in ni["Groups"]]
+        assert groups and set(groups) == {"sg-FILL_IN"}, nc
+        # scoped instance roles instead of Ray's default (AmazonEC2FullAccess + AmazonS3FullAccess)
+        assert nc["IamInstanceProfile"]["Arn"].endswith(
+            "instance-profile/conmim-ray-head" if t is cfg["available_node_types"][cfg["head_node_type"]]
+            else "instance-profile/conmim-ray-worker")
+        assert nc["ImageId"] == "ami-FILL_IN"  # Ray's default AMI (Ubuntu 18.04, CUDA 11.2) is too old
     starts = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
     assert starts.count("RAY_AUTH_MODE=token") == 2 and "--dashboard-host=127.0.0.1" in starts
+    assert starts.count("mlflow-client.env") == 2  # the trials' MLflow login, on every node
+    assert re.search(r"MLFLOW_AUTH=1 .*MLFLOW_HOST=\$\(hostname -I", starts)  # MLflow off loopback only with auth
+    assert starts.count("CONMIM_FASHION_MNIST=/mnt/datasets/fashion-mnist") == 2
     assert "~/.ray/auth_token" in cfg["file_mounts"]
+    assert any("/mnt/datasets" in o for o in cfg["docker"]["run_options"])
+    assert any("fs-FILL_IN_EFS" in c for c in cfg["initialization_commands"])
+
+
+def test_paper_launcher_fits_the_reference_recipe():
+    """vit-b16-imagenet (32 workers x 1 GPU, global batch 2048) is schedulable on aws-p5-paper.yaml:
+    4 x 8 H100 = 32 GPUs, 64 images per GPU; on-demand, EFA, one placement group."""
+    from conmim.config import load_config
+    cfg = _launcher("aws-p5-paper.yaml")
+    preset = load_config("vit-b16-imagenet", ["data.name=parquet", f"data.root={IMAGENET}"], check_paths=False)
+    gpu = _gpu_type(cfg)
+    nc = gpu["node_config"]
+    gpus = GPUS_PER_INSTANCE[nc["InstanceType"]] * gpu["max_workers"]
+    assert nc["InstanceType"] == "p5.48xlarge" and gpus == 32 and cfg["max_workers"] >= gpu["max_workers"]
+    assert preset.resources.num_workers * preset.resources.gpus_per_worker == gpus
+    assert preset.pretrain.batch_size // preset.resources.num_workers == 64  # per GPU, as the README states
+    assert "InstanceMarketOptions" not in nc  # on-demand: a spot reclaim would stop the whole gang
+    # EFA on all 32 network cards (AWS's layout for p5: ENA primary + one EFA-only interface per card)
+    nis = nc["NetworkInterfaces"]
+    assert nis[0]["InterfaceType"] == "interface" and (nis[0]["NetworkCardIndex"], nis[0]["DeviceIndex"]) == (0, 0)
+    efa = [ni for ni in nis if ni["InterfaceType"] == "efa-only"]
+    assert sorted(ni["NetworkCardIndex"] for ni in efa) == list(range(32))
+    # Ray's rule (ray/autoscaler/_private/aws/config.py, _configure_subnets_and_groups_from_network_interfaces):
+    # with NetworkInterfaces, every interface names its subnet and groups and the node config names none
+    assert all(ni["SubnetId"] and ni["Groups"] for ni in nis)
+    assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & set(nc)
+    assert nc["Placement"]["GroupName"] and cfg["provider"]["use_internal_ips"] is True
+    assert "--device=/dev/infiniband" in cfg["docker"]["worker_run_options"]
+    assert any("memlock=-1" in o for o in cfg["docker"]["worker_run_options"])
+    workers = " ".join(cfg["worker_start_ray_commands"])
+    assert "FI_PROVIDER=efa" in workers and "FI_EFA_USE_DEVICE_RDMA=1" in workers
+    assert "FI_PROVIDER" not in " ".join(cfg["head_start_ray_commands"])  # the head has no EFA
+    assert any("mount -t lustre" in c for c in cfg["initialization_commands"])  # datasets on FSx for Lustre
+    readme = (CLUSTER / "README.md").read_text()
+    assert "aws-p5-paper.yaml" in readme and "64 per GPU" in readme and "pretrain.accumulate=4" in readme
+
+
+def test_small_launcher_is_labelled_for_trying_the_path():
+    cfg = _launcher("aws-g5-small.yaml")
+    header = (CLUSTER / "aws-g5-small.yaml").read_text().split("\n\n")[0]
+    assert "TRYING THE PATH CHEAPLY" in header and "not for the paper-scale recipe" in header
+    gpu = _gpu_type(cfg)
+    assert gpu["node_config"]["InstanceType"] == "g5.2xlarge" and gpu["max_workers"] <= 2
+    assert gpu["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"  # cheap; single-GPU trials only
+
+
+def test_iam_policies_are_scoped():
+    """Scoped instance roles replace Ray's default (EC2 and S3 full access)."""
+    head = json.loads((CLUSTER / "aws-iam" / "head-policy.json").read_text())
+    worker = json.loads((CLUSTER / "aws-iam" / "worker-policy.json").read_text())
+    trust = json.loads((CLUSTER / "aws-iam" / "ec2-trust.json").read_text())
+    assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+
+    def actions(policy):
+        out = []
+        for st in policy["Statement"]:
+            assert st["Effect"] == "Allow"
+            acts = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            out += [(a, st) for a in acts]
+        return out
+    for a, st in actions(head) + actions(worker):
+        assert "*" not in a, a  # no wildcard actions (ec2:*, s3:*, ...)
+        resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        if st["Resource"] == "*":  # only actions that have no resource-level permissions
+            assert a in {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages",
+                         "ecr:GetAuthorizationToken"}, a
+        if a in ("ec2:TerminateInstances", "ec2:CreateTags"):
+            assert "Condition" in st, st  # only this cluster's nodes (its ray-cluster-name tag), or at launch
+        if a.startswith("s3:"):
+            assert all(r.startswith("arn:aws:s3:::FILL_IN_BUCKET") for r in resources), st
+        if a == "iam:PassRole":
+            assert resources == ["arn:aws:iam::FILL_IN_ACCOUNT_ID:role/conmim-ray-worker"]
+    run = [st for a, st in actions(head) if a == "ec2:RunInstances" and "instance/*" in str(st["Resource"])]
+    assert run and set(run[0]["Condition"]["StringEquals"]["ec2:InstanceType"]) == {  # the configs' GPU types only
+        _gpu_type(_launcher(n))["node_config"]["InstanceType"] for n in LAUNCHERS}
+    assert {a for a, _ in actions(worker)} <= {"ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+                                              "ecr:BatchCheckLayerAvailability", "ecr:GetAuthorizationToken"}
 
 
 def _manifests():
@@ -53,26 +164,104 @@ def _manifests():
     return docs
 
 
+def _containers(doc):
+    """Every container spec in a manifest (pod templates of Deployments, Jobs, RayClusters, RayJobs)."""
+    found = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            if isinstance(x.get("containers"), list):
+                found.extend(x["containers"])
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    walk(doc)
+    return found
+
+
 def test_kuberay_manifests_parse_and_run_an_existing_sweep():
+    from conmim.config.expand import load_sweep
     docs = _manifests()
     ray_docs = {d["kind"]: d for _, d in docs if d["apiVersion"].startswith("ray.io")}
     assert set(ray_docs) == {"RayCluster", "RayJob"}
     assert all(d["apiVersion"] == "ray.io/v1" for d in ray_docs.values())
     rc, rj = ray_docs["RayCluster"], ray_docs["RayJob"]
-    assert rc["spec"]["authOptions"]["mode"] == "token"  # token authentication on
+    # token authentication on, with our Secret: authOptions.secretName needs KubeRay >= 1.6.0 (1.5.1's
+    # CRD has authOptions.mode only; checked in ray-project/kuberay's CRDs of v1.5.1 and v1.6.0)
+    assert rc["spec"]["authOptions"] == {"mode": "token", "secretName": "conmim-ray-token"}
+    assert "KubeRay ≥ 1.6.0" in (CLUSTER / "README.md").read_text()
     assert rc["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"  # not exposed
     assert rj["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
-    workers = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    assert workers["resources"]["limits"]["nvidia.com/gpu"]
+    group = rc["spec"]["workerGroupSpecs"][0]
+    workers = group["template"]["spec"]["containers"][0]
+    assert int(workers["resources"]["limits"]["nvidia.com/gpu"]) * group["maxReplicas"] >= 32  # vit-b16-imagenet fits
     # the entrypoint is a conmim sweep of a sweep file that exists, with options the CLI accepts
+    # (checked as `conmim sweep --address` checks it: everything but the dataset, which is on the cluster)
     args = shlex.split(rj["spec"]["entrypoint"])
     assert args[:5] == ["python", "-m", "conmim.cli", "sweep", args[4]] and (REPO / args[4]).is_file()
-    res = CliRunner().invoke(main, args[3:] + ["--dry-run"])
+    assert "--resume-if-exists" in args  # a deleted and re-created RayJob continues its sweep
+    assert f"base.set.data.root={IMAGENET}" in args and "base.set.data.name=parquet" in args
+    res = CliRunner().invoke(main, args[3:] + ["--dry-run", "--address", "http://127.0.0.1:9"])  # options parse
     assert res.exit_code == 0, res.output
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert load_sweep(str(REPO / args[4]), sets, check_paths=False).distinct
     env = yaml.safe_load(rj["spec"]["runtimeEnvYAML"])
     assert int(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 10
     # every Service stays inside the cluster
     assert all(d["spec"].get("type", "ClusterIP") == "ClusterIP" for _, d in docs if d["kind"] == "Service")
+    # every container runs the project image from your registry, pinned by digest
+    for name, d in docs:
+        for c in _containers(d):
+            assert "/conmim@sha256:" in c["image"] and "FILL_IN" in c["image"], (name, c["image"])
+
+
+def test_kuberay_mlflow_requires_authentication():
+    docs = {d["kind"]: d for f, d in _manifests() if f == "mlflow.yaml"}
+    c = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MLFLOW_HOST"]["value"] == "0.0.0.0" and env["MLFLOW_AUTH"]["value"] == "1"
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI",
+                "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "conmim-mlflow-server", key  # never in the manifest
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"  # the one route basic auth leaves open
+    # the Ray pods log as the non-admin client user
+    rc = next(d for _, d in _manifests() if d["kind"] == "RayCluster")
+    for ct in _containers(rc):
+        names = {e["name"]: e for e in ct["env"]}
+        assert names["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "conmim-mlflow-client"
+    # the NetworkPolicy is there, and the CNI that enforces it is a stated prerequisite
+    assert "NetworkPolicy" in docs
+    readme = (CLUSTER / "README.md").read_text()
+    assert re.search(r"NetworkPolicy.{0,120}(Calico|Cilium)", readme, re.S)
+
+
+def test_one_set_of_dataset_paths():
+    texts = {p: p.read_text() for p in [REPO / "README.md", CLUSTER / "README.md",
+                                        *sorted((CLUSTER / "kuberay").glob("*.yaml")), *[CLUSTER / n for n in LAUNCHERS]]}
+    for p in [REPO / "README.md", CLUSTER / "README.md", CLUSTER / "kuberay" / "rayjob.yaml",
+              CLUSTER / "kuberay" / "imagenet-data-job.yaml"]:
+        assert IMAGENET in texts[p], p
+    for p, t in texts.items():
+        assert not re.search(r"/mnt/datasets/imagenet(?![-\w])|/mnt/shared/datasets/imagenet", t), p
+        assert not re.search(r"CONMIM_FASHION_MNIST=(?!/mnt/datasets/fashion-mnist)", t), p
+
+
+def test_image_installs_dependencies_before_code():
+    lines = [ln.strip() for ln in (CLUSTER / "Dockerfile").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    base = next(ln for ln in lines if ln.startswith("ARG BASE_IMAGE="))
+    rc = next(d for _, d in _manifests() if d["kind"] == "RayCluster")
+    assert base == f"ARG BASE_IMAGE=rayproject/ray:{rc['spec']['rayVersion']}-py311-gpu"  # an exact release tag
+    assert "FROM ${BASE_IMAGE}" in lines
+    deps = next(i for i, ln in enumerate(lines) if "pip install" in ln and "requirements.txt" in ln)
+    code = next(i for i, ln in enumerate(lines) if ln.startswith("COPY") and " conmim " in f"{ln} ")
+    assert lines.index("COPY --chown=ray pyproject.toml ./") < deps < code  # a code edit does not reinstall torch
+    assert any("--no-deps -e ." in ln for ln in lines[code:])
+    assert any("mlflow[auth]" in ln for ln in lines)  # the basic-auth app needs Flask-WTF
+    ignored = {ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".git", "data", "runs", "mlruns*", "**/*.db", "checkpoints", "**/checkpoints"} <= ignored
+    assert "git rev-parse" in (CLUSTER / "Dockerfile").read_text() and "git rev-parse" in (CLUSTER / "README.md").read_text()
 
 
 def test_nothing_disables_ray_token_auth_or_binds_publicly():
@@ -84,6 +273,164 @@ def test_nothing_disables_ray_token_auth_or_binds_publicly():
     lc = texts[CLUSTER / "local_cluster.py"]
     assert '"--dashboard-host", "127.0.0.1"' in lc and 'RAY_AUTH_MODE="token"' in lc
     assert subprocess.run(["bash", "-n", str(CLUSTER / "mlflow-server.sh")]).returncode == 0
+
+
+def _mlflow_server_args(tmp_path, **env):
+    """Run cluster/mlflow-server.sh with a stand-in for mlflow that prints what it was given."""
+    fake = tmp_path / "fake-mlflow"
+    fake.write_text('#!/bin/bash\necho "ARGS: $*"\necho "CONF: ${MLFLOW_AUTH_CONFIG_PATH:-}"\n'
+                    '[[ -n "${MLFLOW_AUTH_CONFIG_PATH:-}" ]] && cat "$MLFLOW_AUTH_CONFIG_PATH"; exit 0\n')
+    fake.chmod(0o755)
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    full.update(MLFLOW_BIN=str(fake), CONMIM_MLFLOW_DIR=str(tmp_path / "state"), TMPDIR=str(tmp_path), **env)
+    return subprocess.run([str(CLUSTER / "mlflow-server.sh")], env=full, capture_output=True, text=True, timeout=30)
+
+
+def test_mlflow_server_needs_authentication_off_loopback(tmp_path):
+    r = _mlflow_server_args(tmp_path)  # loopback: served as before, no login
+    assert r.returncode == 0 and "--host 127.0.0.1" in r.stdout and "basic-auth" not in r.stdout, r.stderr
+    r = _mlflow_server_args(tmp_path, MLFLOW_HOST="10.0.1.23")
+    assert r.returncode == 2 and "without authentication" in r.stderr and "ARGS" not in r.stdout
+    r = _mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="1")  # auth without a password
+    assert r.returncode == 2 and "MLFLOW_AUTH_ADMIN_PASSWORD" in r.stderr and "ARGS" not in r.stdout
+    r = _mlflow_server_args(tmp_path, MLFLOW_HOST="10.0.1.23", MLFLOW_AUTH="1", MLFLOW_AUTH_ADMIN_PASSWORD="s3cret-pw",
+                            MLFLOW_AUTH_DATABASE_URI="postgresql://mlflow:p%41ss@db:5432/mlflow_auth")
+    assert r.returncode == 0, r.stderr
+    assert "--app-name basic-auth" in r.stdout and "--allowed-hosts 10.0.1.23," in r.stdout
+    conf = Path(re.search(r"CONF: (\S+)", r.stdout).group(1))
+    assert conf.parent.parent == tmp_path and oct(conf.stat().st_mode & 0o777) == "0o600"  # private, not on shared storage
+    assert "database_uri = postgresql://mlflow:p%%41ss@db:5432/mlflow_auth" in r.stdout  # configparser's % escaped
+    assert "s3cret-pw" not in r.stdout + conf.read_text()  # the password stays in the environment
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray token travels only over https or to loopback (a tunnel), unless --insecure-http
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "127.0.0.1:8265", "http://localhost:8265",
+                                     "http://[::1]:8265", "http://127.0.0.2:8265", "https://ray.example.org",
+                                     "https://10.0.1.23:8265"])
+def test_token_may_go_over_https_or_to_loopback(address):
+    from conmim.run.jobs import check_transport
+    assert check_transport(address).rstrip("/").endswith(address.split("://")[-1].rstrip("/"))
+
+
+@pytest.mark.parametrize("address", ["http://10.0.1.23:8265", "10.0.1.23:8265", "http://ray-head.internal:8265",
+                                     "http://0.0.0.0:8265", "http://localhost.example.org:8265"])
+def test_token_is_not_sent_over_plain_http_to_another_host(address):
+    from conmim.run.jobs import JobsError, check_transport
+    with pytest.raises(JobsError, match="plain http"):
+        check_transport(address)
+    assert check_transport(address, insecure_http=True).startswith("http://")  # the explicit flag overrides
+
+
+class _RecordingClient:
+    """Stands in for ray.job_submission.JobSubmissionClient: records, sends nothing."""
+    made, submitted = [], []
+
+    def __init__(self, address, headers=None):
+        type(self).made.append((address, headers))
+
+    def submit_job(self, **kw):
+        type(self).submitted.append(kw)
+        return kw["submission_id"]
+
+    def get_job_info(self, job_id):
+        from types import SimpleNamespace
+        return SimpleNamespace(status=SimpleNamespace(value="RUNNING"), message="", entrypoint="x",
+                               start_time=None, end_time=None, driver_exit_code=None)
+
+
+@pytest.fixture
+def recording_client(monkeypatch):
+    import ray.job_submission
+    _RecordingClient.made, _RecordingClient.submitted = [], []
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _RecordingClient)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "test-token-not-secret")
+    return _RecordingClient
+
+
+def test_jobs_and_sweep_refuse_plain_http_to_another_host(tmp_path, recording_client):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"name: s\nbase: tiny\nstorage: {tmp_path}\nmlflow: {{tracking_uri: 'http://10.0.1.23:5000'}}\n")
+    for cmd in (["jobs", "status", "j1"], ["jobs", "logs", "j1"], ["jobs", "stop", "j1"],
+                ["sweep", str(sweep), "--no-follow"]):
+        r = CliRunner().invoke(main, cmd + ["--address", "http://10.0.1.23:8265"])
+        assert r.exit_code == 2, (cmd, r.output)
+        assert "plain http://" in r.output and "127.0.0.1" in r.output and "--insecure-http" in r.output
+        assert "Traceback" not in r.output
+    assert recording_client.made == [] and recording_client.submitted == []  # nothing was sent anywhere
+    # over a tunnel (loopback) or https the same commands go through, with the token
+    for address in ("http://127.0.0.1:8265", "https://ray.example.org"):
+        r = CliRunner().invoke(main, ["jobs", "status", "j1", "--address", address])
+        assert r.exit_code == 0 and json.loads(r.output)["status"] == "RUNNING", r.output
+    assert [h for _, h in recording_client.made] == [{"Authorization": "Bearer test-token-not-secret"}] * 2
+    # --insecure-http: the user's explicit choice
+    r = CliRunner().invoke(main, ["sweep", str(sweep), "--no-follow", "--insecure-http", "--address",
+                                  "http://10.0.1.23:8265"])
+    assert r.exit_code == 0 and "submitted Ray job" in r.output, r.output
+    assert recording_client.made[-1][0] == "http://10.0.1.23:8265" and len(recording_client.submitted) == 1
+    r = CliRunner().invoke(main, ["jobs", "status", "j1", "--insecure-http", "--address", "http://10.0.1.23:8265"])
+    assert r.exit_code == 0, r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume-if-exists: one command that starts a sweep or continues the same one (a re-created RayJob)
+# ---------------------------------------------------------------------------------------------
+def _digest_sweep(tmp_path, name="rie", **extra):
+    spec = {"name": name, "base": {"config": "tiny", "set": {"pretrain.epochs": 1}}, "seeds": [0],
+            "variants": [{"name": "t02", "set": {"objective.temperature": 0.2}}],
+            "storage": str(tmp_path / "ray_results"), **extra}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def test_resume_if_exists_resumes_only_the_same_sweep(tmp_path):
+    from conmim.config import ConfigError
+    from conmim.config.expand import load_sweep
+    from conmim.files import write_json
+    from conmim.run.tune import resume_if_exists, sweep_digest
+    path = _digest_sweep(tmp_path)
+    sw = load_sweep(str(path), ["resources.max_concurrent_trials=2"])
+    assert resume_if_exists(sw) is False  # no folder yet: a new sweep
+    sw.dir.mkdir(parents=True)
+    write_json(sw.dir / "sweep.json", {"name": "rie", "sweep_file": str(path), "sweep_digest": sweep_digest(sw)})
+    assert resume_if_exists(sw) is True
+    # the same file and settings elsewhere (a job's working_dir) is the same sweep
+    other_dir = tmp_path / "elsewhere"
+    other_dir.mkdir()
+    (other_dir / "rie.yaml").write_text(path.read_text())
+    assert resume_if_exists(load_sweep(str(other_dir / "rie.yaml"), ["resources.max_concurrent_trials=2"])) is True
+    # another --set, another variant, or a folder that predates the digest: refused
+    for sets in (["resources.max_concurrent_trials=3"], ["base.set.objective.temperature=0.3"]):
+        with pytest.raises(ConfigError, match="another sweep file or other settings"):
+            resume_if_exists(load_sweep(str(path), sets))
+    write_json(sw.dir / "sweep.json", {"name": "rie", "sweep_file": str(path)})
+    with pytest.raises(ConfigError, match="no sweep digest"):
+        resume_if_exists(sw)
+
+
+def test_resume_if_exists_on_the_command_line(tmp_path, monkeypatch):
+    from conmim.config.expand import load_sweep
+    from conmim.files import write_json
+    from conmim.run import tune as sweep_mod
+    calls = []
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda sw, resume=False, **kw: calls.append(resume) or {"FINISHED": 2})
+    path = _digest_sweep(tmp_path)
+    r = CliRunner().invoke(main, ["sweep", str(path), "--resume", "--resume-if-exists"])
+    assert r.exit_code == 2 and "give one" in r.output
+    r = CliRunner().invoke(main, ["sweep", str(path), "--resume-if-exists"])
+    assert r.exit_code == 0 and calls == [False] and "starting the new" in r.output, r.output
+    sw = load_sweep(str(path))
+    sw.dir.mkdir(parents=True)
+    write_json(sw.dir / "sweep.json", {"sweep_digest": sweep_mod.sweep_digest(sw)})
+    r = CliRunner().invoke(main, ["sweep", str(path), "--resume-if-exists"])
+    assert r.exit_code == 0 and calls == [False, True] and "resuming the existing" in r.output, r.output
+    r = CliRunner().invoke(main, ["sweep", str(path), "--resume-if-exists", "--set", "seeds=[0,1]"])
+    assert r.exit_code == 2 and "--resume-if-exists" in r.output and calls == [False, True], r.output
+    from conmim.run import jobs
+    cmd = jobs.entrypoint("sweeps/ablations.yaml", ["storage=/mnt/shared/ray_results"], False, resume_if_exists=True)
+    assert shlex.split(cmd)[-1] == "--resume-if-exists"
 
 
 def _sweep_file(tmp_path, name, variants, tracking_uri, **base_set):

@@ -26,7 +26,7 @@ MDE_3_PAIRS = 3.264044                            # MDE at n = 3 per unit sd (te
 
 
 def row(variant, seed, top1, status="finished", overrides=None, alias_of="", **kw):
-    """A results.parquet row as ``conmim.sweep.collect_rows`` writes it."""
+    """A results.parquet row as ``conmim.run.results.collect_rows`` writes it."""
     r = {"trial": f"{variant}_seed{seed}", "variant": variant, "seed": seed, "note": "",
          "overrides": json.dumps(overrides or {}, sort_keys=True), "alias_of": alias_of, "canonical_hash": "h",
          "status": status, "reason": "", "node_id": "", **{k: NAN for k in FINAL_METRICS + TIMINGS},

@@ -46,6 +46,8 @@ def missing_data_message(dcfg) -> Optional[str]:
         if not (root / "train").is_dir():
             return f"data.root: '{root}' has no train/ folder; imagefolder expects root/train/<class>/* and root/val/<class>/*."
         return None
+    if "://" in str(dcfg.root):
+        return None  # object storage (s3://, gs://): checked when the data is read, with the node's credentials
     if not root.exists():
         return f"data.root: parquet source '{root}' does not exist; write one with 'conmim data prepare fashion-mnist OUT.parquet'."
     return None

@@ -4,7 +4,8 @@
   train/val from the official 60k training images (fixed shuffle, ``val_size`` held out), test =
   the official 10k test images.
 * ``imagefolder``: ImageNet layout, ``root/train/<class>/*`` and ``root/val/<class>/*``.
-* ``parquet``: rows of (``image``: encoded bytes, ``label``: int, ``split``: train|test).
+* ``parquet``: rows of (``image``: encoded bytes, ``label``: int, ``split``: train|test), in one
+  file or a folder of shards, local or on object storage (``s3://``, ``gs://``).
 
 Fixed-size sources hand out uint8 batches and the batched transforms crop them; variable-size
 sources (ImageFolder, Parquet of JPEGs) crop each image as it is decoded, with the same
@@ -140,16 +141,50 @@ def _imagefolder(dcfg) -> dict[str, ImageSet]:
     return {"train": scan("train"), "test": scan("val") or scan("test")}
 
 
+def parquet_files(root: str) -> tuple[object, list[str]]:
+    """(pyarrow filesystem, the .parquet files of ``root``): ``root`` is one file or a folder of
+    shards (searched recursively, in sorted order so the rows -- and the fixed train/val split --
+    do not depend on listing order), a local path or a URI that pyarrow reads (``s3://bucket/prefix``,
+    ``gs://...``, ``file:///...``)."""
+    import pyarrow.fs as pafs
+    if "://" in root:
+        fs, path = pafs.FileSystem.from_uri(root)
+    else:
+        fs, path = pafs.LocalFileSystem(), str(Path(root).resolve())
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return fs, [path]
+    if info.type != pafs.FileType.Directory:
+        raise DataMissing(f"data.root: parquet source '{root}' does not exist.")
+    files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                   if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+                   and not any(part.startswith((".", "_")) for part in f.path[len(path):].split("/")))
+    if not files:
+        raise DataMissing(f"data.root: parquet folder '{root}' holds no .parquet files.")
+    return fs, files
+
+
 def _parquet(dcfg) -> dict[str, ImageSet]:
+    """A .parquet file or a folder of shards, read one shard at a time: the images are held as
+    Python bytes (decoded on demand), and each shard's Arrow table is freed before the next is
+    read, so the peak is the images plus one shard -- not twice the dataset."""
     import pyarrow.parquet as pq
-    table = pq.read_table(dcfg.root, columns=None)
-    cols = set(table.column_names)
-    if not {"image", "label"} <= cols:
-        raise DataMissing(f"data.root: parquet '{dcfg.root}' needs columns image (bytes) and label (int); it has {sorted(cols)}.")
-    images = table.column("image").to_pylist()
-    labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
-    split = np.asarray(table.column("split").to_pylist()) if "split" in cols else np.asarray(["train"] * len(labels))
-    stats = FASHION_MNIST_STATS if table.schema.metadata and b"conmim.stats" in table.schema.metadata else IMAGENET_STATS
+    fs, files = parquet_files(str(dcfg.root))
+    images, labels, split, meta = [], [], [], None
+    for f in files:
+        schema = pq.read_schema(f, filesystem=fs)
+        cols = set(schema.names)
+        if not {"image", "label"} <= cols:
+            raise DataMissing(f"data.root: parquet '{f}' needs columns image (bytes) and label (int); it has {sorted(cols)}.")
+        meta = schema.metadata if meta is None else meta
+        table = pq.read_table(f, filesystem=fs, columns=[c for c in ("image", "label", "split") if c in cols])
+        images += table.column("image").to_pylist()
+        labels += table.column("label").to_pylist()
+        split += table.column("split").to_pylist() if "split" in cols else ["train"] * table.num_rows
+        del table
+    labels = np.asarray(labels, dtype=np.int64)
+    split = np.asarray(split)
+    stats = FASHION_MNIST_STATS if meta and b"conmim.stats" in meta else IMAGENET_STATS
     n_cls = int(labels.max()) + 1
     first = _decode(images[0])
     out = {}

@@ -1,17 +1,20 @@
 """Sweeps on an existing Ray cluster, through the Ray Jobs API.
 
-``conmim sweep FILE --address http://HEAD:8265`` ships this project (``runtime_env`` working_dir,
+``conmim sweep FILE --address http://127.0.0.1:8265`` (a tunnel to the head) ships this project (``runtime_env`` working_dir,
 without virtualenvs, results, databases, data or git history) and runs
 ``python -m conmim.cli sweep FILE ...`` on the cluster as a Ray job: the job's driver finds the
 cluster through ``RAY_ADDRESS``, which Ray sets for it. The logs are streamed back; Ctrl-C stops
 following them and leaves the job running. ``conmim jobs status|logs|stop`` act on a job by id.
 
 Ray's token authentication stays on: the client sends the cluster's token, read the way Ray
-reads it (``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``)."""
+reads it (``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``).
+It is sent only over https:// or to a loopback address (a tunnel); plain http:// to another host is
+refused unless the caller passes ``insecure_http`` (``--insecure-http``), see :func:`check_transport`."""
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import ipaddress
 import os
 import secrets
 import shlex
@@ -19,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
@@ -65,17 +69,47 @@ def normalize_address(address: str) -> str:
     """The dashboard's HTTP address (what ``ray job submit --address`` takes)."""
     address = address.strip().rstrip("/")
     if address.startswith("ray://"):
-        raise JobsError(f"--address {address}: give the Ray dashboard's address (http://HEAD:8265), "
+        raise JobsError(f"--address {address}: give the Ray dashboard's address (http://127.0.0.1:8265 through a tunnel), "
                         "not a Ray Client address; jobs are submitted over the dashboard's HTTP API.")
     if "://" not in address:
         address = f"http://{address}"
     return address
 
 
-def client(address: str):
-    """A ``JobSubmissionClient`` that carries the cluster's token."""
-    from ray.job_submission import JobSubmissionClient
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1: this machine (e.g. the local end of an SSH tunnel or a
+    port-forward). Other names are not resolved: a name is only as loopback as its DNS answer."""
+    host = (host or "").strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(address: str, insecure_http: bool = False) -> str:
+    """The normalised address; JobsError when the cluster's token would cross the network in clear
+    text (plain http:// to a host that is not this machine) and the caller did not opt in."""
     address = normalize_address(address)
+    url = urllib.parse.urlsplit(address)
+    if url.scheme == "http" and not is_loopback(url.hostname or "") and not insecure_http:
+        raise JobsError(
+            f"--address {address}: refusing to send the cluster's Ray token over plain http:// to {url.hostname}, "
+            "which is not this machine: whoever can see the traffic could read the token and run code on the "
+            "cluster, and nothing proves the answer comes from your cluster. Use an https:// address (TLS in front "
+            "of the dashboard), or open a tunnel and give its local end: `ray dashboard CLUSTER.yaml`, "
+            "`ssh -N -L 8265:127.0.0.1:8265 HEAD` or `kubectl -n conmim port-forward svc/conmim-head-svc 8265:8265`, "
+            "then --address http://127.0.0.1:8265. On a network you trust end to end, --insecure-http sends it "
+            "anyway (cluster/README.md, 'Security'). Nothing was sent.")
+    return address
+
+
+def client(address: str, insecure_http: bool = False):
+    """A ``JobSubmissionClient`` that carries the cluster's token (over https or loopback only,
+    unless ``insecure_http``)."""
+    address = check_transport(address, insecure_http)
+    from ray.job_submission import JobSubmissionClient
     token = read_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
@@ -185,22 +219,28 @@ def check_cluster_sweep(sweep) -> None:
                           "(http://...) or an absolute sqlite:////path on a shared filesystem.")
 
 
-def entrypoint(sweep_entry: str, sets: tuple[str, ...] | list[str], resume: bool) -> str:
+def entrypoint(sweep_entry: str, sets: tuple[str, ...] | list[str], resume: bool,
+               resume_if_exists: bool = False) -> str:
     args = ["python", "-m", "conmim.cli", "sweep", sweep_entry]
     for s in sets:
         args += ["--set", s]
     if resume:
         args.append("--resume")
+    if resume_if_exists:
+        args.append("--resume-if-exists")
     return " ".join(shlex.quote(a) for a in args)
 
 
 def submit_sweep(sweep_file: str, sets: tuple[str, ...], resume: bool, address: str,
-                 echo: Callable[[str], None] = print) -> tuple[object, str]:
-    """Validate here, ship the project, submit; returns (client, job id). Bad input: ConfigError."""
+                 echo: Callable[[str], None] = print, resume_if_exists: bool = False,
+                 insecure_http: bool = False) -> tuple[object, str]:
+    """Validate here, ship the project, submit; returns (client, job id). Bad input: ConfigError;
+    plain http to another host without ``insecure_http``: JobsError, before anything is read or sent."""
     from conmim.config.expand import load_sweep
+    check_transport(address, insecure_http)
     sweep = load_sweep(sweep_file, list(sets), check_paths=False)  # the data lives on the cluster
     check_cluster_sweep(sweep)
-    jc = client(address)
+    jc = client(address, insecure_http)
     job_id = f"conmim-{sweep.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     with staged_project(sweep_file) as (work, entry):
         runtime_env = {
@@ -208,7 +248,7 @@ def submit_sweep(sweep_file: str, sets: tuple[str, ...], resume: bool, address: 
             "excludes": RUNTIME_ENV_EXCLUDES,
             "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)},
         }
-        cmd = entrypoint(entry, sets, resume)
+        cmd = entrypoint(entry, sets, resume, resume_if_exists)
         _call(lambda: jc.submit_job(entrypoint=cmd, submission_id=job_id, runtime_env=runtime_env,
                                     metadata={"conmim.sweep": sweep.spec.name}),
               what=f"submitting to {normalize_address(address)}")
@@ -246,8 +286,8 @@ def wait(jc, job_id: str, timeout: Optional[float]) -> str:
         time.sleep(1)
 
 
-def status(address: str, job_id: str) -> dict:
-    jc = client(address)
+def status(address: str, job_id: str, insecure_http: bool = False) -> dict:
+    jc = client(address, insecure_http)
     info = _call(jc.get_job_info, job_id, what=f"job {job_id}")
     return {"job": job_id, "status": str(info.status.value), "message": info.message or "",
             "entrypoint": info.entrypoint,
@@ -259,17 +299,18 @@ def _ts(ms: Optional[int]) -> Optional[str]:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else None
 
 
-def logs(address: str, job_id: str, follow_logs: bool, write: Callable[[str], None] = sys.stdout.write) -> Optional[str]:
-    jc = client(address)
+def logs(address: str, job_id: str, follow_logs: bool, write: Callable[[str], None] = sys.stdout.write,
+         insecure_http: bool = False) -> Optional[str]:
+    jc = client(address, insecure_http)
     if follow_logs:
         return follow(jc, job_id, write)
     write(_call(jc.get_job_logs, job_id, what=f"job {job_id}"))
     return None
 
 
-def stop(address: str, job_id: str, timeout: float = 60) -> str:
+def stop(address: str, job_id: str, timeout: float = 60, insecure_http: bool = False) -> str:
     """Ask the job to stop (SIGTERM to its driver, which ends the trials' MLflow runs as KILLED;
     SIGKILL after ``STOP_WAIT_S``) and wait until it has; returns the final status."""
-    jc = client(address)
+    jc = client(address, insecure_http)
     _call(jc.stop_job, job_id, what=f"job {job_id}")
     return wait(jc, job_id, timeout)

@@ -8,6 +8,7 @@ Sweep folder (``storage/name``): ``sweep.json`` (parent run, experiment, report 
 ``results.parquet``, ``report.md`` and ``report.png``."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -37,6 +38,33 @@ def preflight(sweep: Sweep, resume: bool) -> None:
         mlflow_runs.check_reachable(sweep.tracking_uri)
     except mlflow_runs.TrackingUnavailable as e:
         raise ConfigError(str(e)) from None
+
+
+def sweep_digest(sweep: Sweep) -> str:
+    """What the sweep is, independent of where its file lies: the sweep file's settings after
+    ``--set`` (as written, defaults not filled in) and its base experiment. Recorded in
+    ``sweep.json``; ``--resume-if-exists`` resumes only a folder made by the same sweep."""
+    doc = {"sweep": sweep.spec.model_dump(mode="json", exclude_unset=True), "base": sweep.base_raw}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_if_exists(sweep: Sweep) -> bool:
+    """``--resume-if-exists``: False for a new sweep folder; True when the folder holds this same
+    sweep (same digest); ConfigError when it holds another sweep or one that predates the digest.
+    For a job that is stopped and submitted again unchanged (a re-created KubeRay RayJob)."""
+    p = sweep.dir / "sweep.json"
+    state = json.loads(p.read_text()) if p.exists() else {}
+    if not state:
+        return False
+    recorded = state.get("sweep_digest")
+    if recorded == sweep_digest(sweep):
+        return True
+    what = (f"was made by another sweep file or other settings (digest {recorded}, this one {sweep_digest(sweep)}; "
+            f"recorded sweep file: {state.get('sweep_file', '?')})" if recorded else
+            "records no sweep digest (it predates --resume-if-exists), so it cannot be told to be the same sweep")
+    raise ConfigError(f"{sweep.path}: --resume-if-exists: the sweep folder {sweep.dir} {what}. Nothing was started. "
+                      "Continue it anyway with --resume, or give this sweep another 'name' or 'storage', or delete "
+                      "the folder to start over.")
 
 
 def _search(sweep: Sweep):
@@ -100,7 +128,8 @@ def _start_runs(sweep: Sweep) -> dict:
     mlflow_runs.retry(c.set_tag, parent_id, T.REPORT_METRIC, spec.report.metric)
     mlflow_runs.retry(c.set_tag, parent_id, T.REPORT_BASELINE, spec.report.baseline)
     state.update(name=spec.name, tracking_uri=uri, experiment=sweep.experiment, experiment_id=exp_id,
-                 parent_run_id=parent_id, sweep_file=str(sweep.path.resolve()), report=spec.report.model_dump())
+                 parent_run_id=parent_id, sweep_file=str(sweep.path.resolve()), report=spec.report.model_dump(),
+                 sweep_digest=sweep_digest(sweep))
     write_json(d / "sweep.json", state)
     write_json(d / "trials.json", _records(sweep))
     return state

@@ -68,7 +68,10 @@ def check_reachable(uri: str) -> None:
     try:
         retry(client(uri).search_experiments, max_results=1, tries=2)
     except Exception as e:  # noqa: BLE001
-        raise TrackingUnavailable(f"mlflow.tracking_uri: {redact_uri(uri)} does not answer as an MLflow store ({e}).") from None
+        status = getattr(e, "get_http_status_code", lambda: None)()
+        login = (" It asks for a login (MLflow basic auth): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."
+                 if status == 401 else "")
+        raise TrackingUnavailable(f"mlflow.tracking_uri: {redact_uri(uri)} does not answer as an MLflow store ({e}).{login}") from None
 
 
 def log_config(uri: str, run_id: str, config: dict, path: Path) -> None:
