@@ -33,6 +33,7 @@ class TrialResult:
     pretrain_history: list = field(default_factory=list)
     finetune_history: list = field(default_factory=list)
     node_id: str = ""
+    probe_encoder: str = ""                   # the encoder knn_top1 / linear_probe_top1 were measured on
     step_losses: Optional[list] = None
 
     def to_json(self) -> dict:
@@ -51,7 +52,7 @@ class TrialResult:
                    flags={k: bool(d.get(k)) for k in FLAGS}, canonical_hash=d.get("canonical_hash", ""),
                    config=d.get("config", {}), pretrain_history=d.get("pretrain_history", []),
                    finetune_history=d.get("finetune_history", []), node_id=d.get("node_id") or "",
-                   step_losses=d.get("step_losses"))
+                   probe_encoder=d.get("probe_encoder", ""), step_losses=d.get("step_losses"))
 
     def write(self, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ class TrialResult:
 
 # The row of results.parquet: the trial's identity, its status, then what it measured.
 ROW_IDENTITY = ("trial", "variant", "seed", "note", "overrides", "alias_of", "canonical_hash")
-ROW_STATUS = ("status", "reason", "node_id")
+ROW_STATUS = ("status", "reason", "node_id", "probe_encoder")
 
 
 def result_row(record: dict, status: str, result: Optional[TrialResult] = None, reason: str = "") -> dict:
@@ -79,67 +80,107 @@ def result_row(record: dict, status: str, result: Optional[TrialResult] = None, 
         "overrides": json.dumps(record["overrides"], sort_keys=True, default=str),
         "alias_of": record.get("alias_of") or "", "canonical_hash": record["key"],
         "status": status, "reason": reason, "node_id": result.node_id if result else "",
+        "probe_encoder": result.probe_encoder if result else "",
         **{k: float("nan") for k in FINAL_METRICS + TIMINGS}, **{k: False for k in FLAGS}}
     if result is not None:
         row.update(result.metrics, **result.timings, **result.flags)
     return row
 
 
-def make_result(cfg: ExperimentConfig, carry: dict, ft: dict, num_classes: int, wall: float = float("nan")) -> TrialResult:
-    pre, probe = carry["pre"], carry["probe"]
+def probe_encoder(cfg: ExperimentConfig) -> str:
+    """The encoder that is fine-tuned, and probed as ``knn_top1`` / ``linear_probe_top1``."""
+    if not cfg.pretrain.enabled:
+        return "random init"
+    return "momentum" if cfg.finetune.encoder == "momentum" and cfg.objective.target_encoder == "momentum" else "online"
+
+
+def make_result(cfg: ExperimentConfig, carry: dict, num_classes: int, wall: float = float("nan")) -> TrialResult:
+    pre, probe, ft = carry["pre"], carry["probe"], carry["ft"]
+    full = carry.get("ft_full") or {}
     std = pre["final_target_std"] if pre else float("nan")
-    metrics = {
-        "finetune_top1": ft["finetune_top1"], "finetune_val_top1": ft["finetune_val_top1"],
-        "linear_probe_top1": probe.get("linear_probe_top1", float("nan")),
-        "knn_top1": probe.get("knn_top1", float("nan")),
-        "final_pretrain_loss": pre["final_pretrain_loss"] if pre else float("nan"), "final_target_std": std,
-    }
+    measured = {**probe, **ft, **full}
+    metrics = {k: measured.get(k, float("nan")) for k in FINAL_METRICS}
+    metrics.update(final_pretrain_loss=pre["final_pretrain_loss"] if pre else float("nan"), final_target_std=std)
     flags = {"collapsed": bool(pre is not None and math.isfinite(std) and std < COLLAPSE_STD),
-             "at_chance": bool(ft["finetune_top1"] < 1.0 / num_classes + CHANCE_MARGIN)}
+             "at_chance": bool(ft["finetune_top1"] < 1.0 / num_classes + CHANCE_MARGIN),
+             "positional_shortcut": bool(probe.get("positional_shortcut", False))}
     timings = {"pretrain_seconds": carry["pretrain_seconds"], "probe_seconds": carry["probe_seconds"],
-               "finetune_seconds": ft["finetune_seconds"], "wall_seconds": wall}
+               "finetune_seconds": ft["finetune_seconds"] + full.get("finetune_full_seconds", 0.0), "wall_seconds": wall}
     return TrialResult(metrics, timings, flags, canonical_hash(cfg), cfg.to_dict(),
-                       pre["history"] if pre else [], ft["finetune_history"],
-                       step_losses=(pre or {}).get("step_losses") or None)
+                       pre["history"] if pre else [], ft["finetune_history"] + full.get("finetune_full_history", []),
+                       probe_encoder=probe_encoder(cfg), step_losses=(pre or {}).get("step_losses") or None)
 
 
-def run_phases(cfg: ExperimentConfig, pre_session, ft_session) -> TrialResult:
-    """Pre-train (or resume), probe the frozen encoder, fine-tune (or resume).
-
-    The pre-training summary, the probes and their timings (``carry``) travel in every
-    fine-tuning checkpoint, so a run restarted during fine-tuning skips the phases it did."""
+def _frozen_phases(cfg: ExperimentConfig, session) -> dict:
+    """Pre-train (or resume), then probe the frozen encoders and look for a positional shortcut;
+    returns the carry of the fine-tuning phases (summaries and timings, no networks)."""
     import torch
     from conmim.data.sources import load_splits
-    from conmim.train import checkpoint
     from conmim.train.build import build_encoder
+    from conmim.train.diagnostics import shortcut_diagnostics
     from conmim.train.evaluate import probes
-    from conmim.train.finetune import finetune
     from conmim.train.pretrain import pretrain
 
     t0 = time.time()
-    num_classes = load_splits(cfg.data)["train"].num_classes
-    ft_state = checkpoint.resumable(cfg, ft_session, "finetune")
-    if ft_state is not None:
-        carry = ft_state["extra"]["carry"]
-        return make_result(cfg, carry, finetune(cfg, ft_session, None, carry), num_classes)
-    pre = None
+    pre, net = None, None
     if cfg.pretrain.enabled:
-        pre = pretrain(cfg, pre_session)
-        encoder = pre.pop("net").encoder(cfg.finetune.encoder)
+        pre = pretrain(cfg, session)
+        net = pre.pop("net")
+        encoder = net.encoder(cfg.finetune.encoder)
         state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     else:
         torch.manual_seed(cfg.seed)
         state = build_encoder(cfg).state_dict()  # the 'from scratch' row: a random encoder
     t1 = time.time()
     probe = {}
-    if pre_session.is_main:  # frozen-feature proxies: cheap, on one worker while the others wait
-        frozen = build_encoder(cfg).to(pre_session.device)
+    if session.is_main:  # frozen-feature proxies: cheap, on one worker while the others wait
+        splits = load_splits(cfg.data)
+        frozen = build_encoder(cfg).to(session.device)
         frozen.load_state_dict(state)
-        probe = probes(frozen, load_splits(cfg.data), cfg, pre_session.device)
+        probe = probes(frozen, splits, cfg, session.device)
+        if cfg.eval.probe_online:  # the online encoder too, where it is not the one just probed
+            online = net.online.encoder if net is not None and probe_encoder(cfg) == "momentum" else None
+            probe.update(probes(online, splits, cfg, session.device, name="online") if online is not None else
+                         {k.replace("_top1", "_online_top1"): v for k, v in probe.items()})
+        if net is not None:
+            probe.update(shortcut_diagnostics(net, splits["val"], cfg.model.img_size, session.device))
         del frozen
-    ft_session.barrier()
-    carry = {"pre": pre, "probe": probe, "pretrain_seconds": t1 - t0, "probe_seconds": time.time() - t1}
-    return make_result(cfg, carry, finetune(cfg, ft_session, state, carry), num_classes)
+    # (the encoder's weights travel with the fine-tuning checkpoints only for a second, full-label
+    # fine-tune, which needs them after the first; a tiny-scale protocol: the encoder is ~1 MB)
+    keep = cfg.eval.full_label_finetune and cfg.finetune.labels_per_class is not None
+    return {"pre": pre, "probe": probe, "pretrain_seconds": t1 - t0, "probe_seconds": time.time() - t1,
+            "encoder_state": state if keep else None, "_state": state}
+
+
+def run_phases(cfg: ExperimentConfig, pre_session, ft_session) -> TrialResult:
+    """Pre-train (or resume), probe the frozen encoder, fine-tune (or resume); with
+    ``eval.full_label_finetune`` and ``finetune.labels_per_class``, a second, full-label fine-tune.
+
+    The summaries of the phases done so far (``carry``) travel in every fine-tuning checkpoint, so
+    a run restarted during fine-tuning skips them."""
+    from conmim.data.sources import load_splits
+    from conmim.train import checkpoint
+    from conmim.train.finetune import finetune
+
+    num_classes = load_splits(cfg.data)["train"].num_classes
+    full = cfg.eval.full_label_finetune and cfg.finetune.labels_per_class is not None
+    done = checkpoint.resumable(cfg, ft_session, "finetune_full") if full else None
+    if done is not None:  # restarted in the full-label fine-tune: everything before it is in its carry
+        carry = done["extra"]["carry"]
+        carry["ft_full"] = finetune(cfg, ft_session, None, carry, phase="finetune_full", all_labels=True)
+        return make_result(cfg, carry, num_classes)
+    ft_state = checkpoint.resumable(cfg, ft_session, "finetune")
+    if ft_state is not None:
+        carry, state = ft_state["extra"]["carry"], None
+    else:
+        carry = _frozen_phases(cfg, pre_session)
+        state = carry.pop("_state")
+        ft_session.barrier()
+    carry["ft"] = finetune(cfg, ft_session, state, carry)
+    if full:
+        carry["ft_full"] = finetune(cfg, ft_session, carry["encoder_state"], carry, phase="finetune_full",
+                                    all_labels=True)
+    return make_result(cfg, carry, num_classes)
 
 
 def run_in_process(cfg: ExperimentConfig, out: str | Path, device: str = "cpu") -> TrialResult:

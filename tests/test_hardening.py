@@ -408,7 +408,7 @@ def test_collapsed_trial_at_chance_is_flagged_in_the_report(tmp_path):
         ft = {"finetune_top1": top1, "finetune_val_top1": top1, "finetune_history": [], "finetune_seconds": 1.0}
         carry = {"pre": pre, "probe": {"linear_probe_top1": top1, "knn_top1": top1}, "pretrain_seconds": 1.0,
                  "probe_seconds": 1.0}
-        make_result(cfg, carry, ft, 10, wall=3.0).write(d / "trials" / name)
+        make_result(cfg, {**carry, "ft": ft}, 10, wall=3.0).write(d / "trials" / name)
         trials.append({"name": name, "variant": variant, "seed": 0, "overrides": {}, "key": name, "alias_of": None,
                        "note": "", "config": cfg.to_dict()})
     (d / "trials.json").write_text(json.dumps(trials))

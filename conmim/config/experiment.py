@@ -107,6 +107,9 @@ class PretrainConfig(Strict):
 
 class FinetuneConfig(Strict):
     epochs: int = Field(100, ge=0)
+    labels_per_class: Optional[int] = Field(None, ge=1, description="low-label fine-tuning: only this many labelled "
+                                            "training images per class (a class-balanced subset drawn from the seed, "
+                                            "the same in every trial of that seed); null = every label")
     batch_size: int = Field(1024, ge=1)
     lr: float = Field(4e-3, gt=0)
     lr_batch_size: int = Field(1024, ge=1)
@@ -133,6 +136,10 @@ class EvalConfig(Strict):
     knn: bool = True
     knn_k: int = Field(20, ge=1)
     proxy_every: int = Field(0, ge=0, description="k-NN proxy on the validation split every N pre-training epochs (0 = off)")
+    probe_online: bool = Field(False, description="also probe the online encoder (k-NN, linear probe, the per-epoch "
+                               "proxy) when the fine-tuned one is the momentum encoder")
+    full_label_finetune: bool = Field(False, description="with finetune.labels_per_class: also fine-tune on every label "
+                                      "(finetune_full_top1, a secondary column)")
 
 
 class ResourcesConfig(Strict):

@@ -199,6 +199,15 @@ def _parquet(dcfg) -> dict[str, ImageSet]:
     return out
 
 
+def labelled_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Indices of ``per_class`` images of every class (all of a class that has fewer), drawn from
+    ``seed`` alone: every trial of a seed fine-tunes on the same labelled images, whatever it
+    ablates, so trials paired by seed stay paired."""
+    g = np.random.default_rng([seed, 0x1abe1])
+    keep = [g.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
+
+
 @lru_cache(maxsize=4)
 def _load(name: str, root: Optional[str], download: bool) -> dict[str, ImageSet]:
     d = DataConfig(name=name, root=root, download=download)

@@ -12,7 +12,8 @@ from conmim.tracking.buffer import log_metrics_buffered
 
 class EpochLogger(UserCallback):
     """Per-epoch metrics to the run ``run_id`` (buffered in ``pending`` while the server is down);
-    fine-tuning's keys get a ``finetune_`` prefix, so both phases' curves live side by side."""
+    a fine-tuning phase's keys get its name as a prefix (``finetune_``, ``finetune_full_``), so the
+    phases' curves live side by side."""
 
     def __init__(self, uri: str, run_id: str, pending: Path):
         self.uri, self.run_id, self.pending = uri, run_id, pending
@@ -22,6 +23,6 @@ class EpochLogger(UserCallback):
         phase = m.pop("phase", "pretrain")
         step = int(m.pop("epoch", 0))
         m.pop("step", None)
-        if phase == "finetune":
-            m = {k if k.startswith("finetune") else f"finetune_{k}": v for k, v in m.items()}
+        if phase != "pretrain":
+            m = {k if k.startswith(phase) else f"{phase}_{k}": v for k, v in m.items()}
         log_metrics_buffered(self.uri, self.run_id, m, step, self.pending)

@@ -76,18 +76,21 @@ def knn_top1_of(encoder, train, val, cfg, device) -> float:
                     val.labels, cfg.eval.knn_k, num_classes=train.num_classes)
 
 
-def probes(encoder, splits, cfg, device) -> dict:
-    """k-NN and linear-probe top-1 on the test split, from frozen features."""
+def probes(encoder, splits, cfg, device, name: str = "") -> dict:
+    """k-NN and linear-probe top-1 on the test split, from frozen features: ``knn_top1`` and
+    ``linear_probe_top1``, or ``knn_{name}_top1`` ... for a named encoder (``online``)."""
     out = {}
     if not (cfg.eval.knn or cfg.eval.linear_probe):
         return out
+    tag = f"_{name}" if name else ""
     train, test = splits["train"], splits["test"]
     ftr, fte = extract(encoder, train, cfg, device), extract(encoder, test, cfg, device)
     if cfg.eval.knn:
-        out["knn_top1"] = knn_top1(ftr, train.labels, fte, test.labels, cfg.eval.knn_k, num_classes=train.num_classes)
+        out[f"knn{tag}_top1"] = knn_top1(ftr, train.labels, fte, test.labels, cfg.eval.knn_k,
+                                         num_classes=train.num_classes)
     if cfg.eval.linear_probe:
-        out["linear_probe_top1"] = linear_probe_top1(ftr, train.labels, fte, test.labels, train.num_classes,
-                                                     cfg.eval.probe_epochs, cfg.seed)
+        out[f"linear_probe{tag}_top1"] = linear_probe_top1(ftr, train.labels, fte, test.labels, train.num_classes,
+                                                           cfg.eval.probe_epochs, cfg.seed)
     return out
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conmim.config.experiment import ExperimentConfig
 from conmim.data.sampler import EpochsOfBatches, ShardedBatches, batches
-from conmim.data.sources import load_splits
+from conmim.data.sources import labelled_subset, load_splits
 from conmim.data.transforms import FinetuneTransform
 from conmim.failures import DivergedError
 from conmim.method.vit import Classifier, param_groups
@@ -27,17 +27,24 @@ def _randaug(spec: str, mean):
     return rand_augment_transform(spec, {"translate_const": 100, "img_mean": tuple(int(255 * m) for m in mean)})
 
 
-def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None, carry: dict | None = None) -> dict:
+def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None, carry: dict | None = None,
+             phase: str = "finetune", all_labels: bool = False, test: bool = True) -> dict:
     """Fine-tune ``encoder_state`` (a pre-trained or random encoder's weights; ignored when this
-    session resumes from a fine-tuning checkpoint).
+    session resumes from a checkpoint of this ``phase``) on the labels ``finetune.labels_per_class``
+    allows, or on every label (``all_labels``: the full-label fine-tune of a low-label study,
+    phase ``finetune_full``).
 
     ``carry`` (earlier phases' summaries) is stored in every checkpoint, so that a run restarted
-    during fine-tuning does not need to redo them. Returns finetune/val top-1 and timings."""
+    during fine-tuning does not need to redo them. Returns ``{phase}_top1`` (test; NaN with
+    ``test=False``, for a protocol search that must not look at it), ``{phase}_val_top1``, the
+    history and the wall seconds."""
     t0 = time.time()
     f = cfg.finetune
     torch.manual_seed(cfg.seed + 1)
     splits = load_splits(cfg.data)
     train = splits["train"]
+    if f.labels_per_class and not all_labels:
+        train = train.take(labelled_subset(train.labels, f.labels_per_class, cfg.seed))
     encoder = build_encoder(cfg, drop_path=f.drop_path, for_finetune=True)
     if encoder_state is not None:
         encoder.load_pretrained(encoder_state)
@@ -77,16 +84,16 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
 
     epoch, step = 0, 0
     history: list[dict] = []
-    state = checkpoint.resumable(cfg, session, "finetune")
+    state = checkpoint.resumable(cfg, session, phase)
     if state is not None:
         net.load_state_dict(state["weights"]["classifier"])
         opt.load_state_dict(state["weights"]["optimizer"])
         checkpoint.set_rng_state(state["rng"])
         epoch, step, history = state["epoch"], state["step"], state["extra"]["history"]
-        session.log(f"[finetune] resumed at epoch {epoch}")
+        session.log(f"[{phase}] resumed at epoch {epoch}")
 
     def save(path: Path) -> None:
-        checkpoint.save(path, "finetune", cfg, epoch, step, {"classifier": net.state_dict(), "optimizer": opt.state_dict()},
+        checkpoint.save(path, phase, cfg, epoch, step, {"classifier": net.state_dict(), "optimizer": opt.state_dict()},
                         {"history": history, "carry": carry or {}})
 
     sampler = EpochsOfBatches(len(train), f.batch_size, session.rank, session.world, cfg.seed + 1, epoch, f.epochs)
@@ -117,12 +124,12 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
                 if bad:
                     raise DivergedError(f"fine-tuning loss became nan or inf by step {step} (epoch {epoch + 1})")
         epoch += 1
-        m = {"epoch": epoch, "finetune_loss": loss_total / steps_per_epoch, "finetune_lr": float(lr_at[step - 1]),
+        m = {"epoch": epoch, f"{phase}_loss": loss_total / steps_per_epoch, f"{phase}_lr": float(lr_at[step - 1]),
              "epoch_seconds": time.time() - te}
         history.append(m)
-        session.log(f"[finetune] epoch {epoch}/{f.epochs} loss {m['finetune_loss']:.4f} ({m['epoch_seconds']:.1f}s)")
+        session.log(f"[{phase}] epoch {epoch}/{f.epochs} loss {m[f'{phase}_loss']:.4f} ({m['epoch_seconds']:.1f}s)")
         due = epoch % f.checkpoint_every == 0 or epoch == f.epochs
-        session.report_epoch({**m, "phase": "finetune"}, save if due else None)
-    return {"finetune_top1": top1(net, splits["test"], cfg, session),
-            "finetune_val_top1": top1(net, splits["val"], cfg, session),
-            "finetune_history": history, "finetune_seconds": time.time() - t0}
+        session.report_epoch({**m, "phase": phase}, save if due else None)
+    return {f"{phase}_top1": top1(net, splits["test"], cfg, session) if test else float("nan"),
+            f"{phase}_val_top1": top1(net, splits["val"], cfg, session),
+            f"{phase}_history": history, f"{phase}_seconds": time.time() - t0}
