@@ -53,8 +53,8 @@ def _pct(x) -> str:
     return "–" if x is None or x != x else f"{100 * x:.2f}"
 
 
-class SweepConsole(Callback):
-    """A Tune callback that prints the sweep's events through ``echo``."""
+class SweepConsole:
+    """Prints the sweep's events through ``echo``; Tune reaches it through :class:`ConsoleEvents`."""
 
     def __init__(self, sweep: Sweep, echo=print):
         self.echo, self.t0 = echo, time.time()
@@ -123,3 +123,35 @@ class SweepConsole(Callback):
         eta_s = "–" if eta != eta else (f"{eta / 60:.0f} min" if eta >= 90 else f"{eta:.0f} s")
         self.echo(f"[{bar}] {ended}/{self.total} trials ({failed} failed), {len(self.running)} running, "
                   f"{elapsed / 60:.1f} min so far, ETA {eta_s}")
+
+
+_LIVE: list = []  # the console of the sweep this process runs
+
+
+def live(console: SweepConsole) -> "ConsoleEvents":
+    """Make ``console`` the one Tune's events reach; returns the callback to give Tune."""
+    _LIVE[:] = [console]
+    return ConsoleEvents()
+
+
+class ConsoleEvents(Callback):
+    """The Tune callback of the console: stateless, it forwards to this process's live console.
+    Tune pickles its callbacks into the experiment's state and, on ``--resume``, calls the
+    unpickled ones: a stateful console would come back with the interrupted run's counts (and
+    its output function, which may not even pickle)."""
+
+    def _call(self, name, *a, **kw):
+        if _LIVE:
+            getattr(_LIVE[0], name)(*a, **kw)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._call("on_trial_start", iteration, trials, trial, **info)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._call("on_trial_result", iteration, trials, trial, result, **info)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._call("on_trial_complete", iteration, trials, trial, **info)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._call("on_trial_error", iteration, trials, trial, **info)

@@ -17,7 +17,7 @@ from pathlib import Path
 from conmim.config.errors import ConfigError
 from conmim.config.expand import Sweep, check_storage
 from conmim.files import write_json
-from conmim.run.console import SweepConsole, mlflow_links, send_ray_logs_to
+from conmim.run.console import SweepConsole, live, mlflow_links, send_ray_logs_to
 from conmim.run.results import collect_rows, write_results
 from conmim.run.stop import SignalStop
 from conmim.run.tune_trial import run_one_trial, trial_record
@@ -176,7 +176,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, report: bool = True, echo=prin
         from ray import tune
         trainable = tune.with_resources(tune.with_parameters(run_one_trial, info=info), {"cpu": 0.5})
         tune_dir = d / "tune"
-        callbacks = [_results_writer(d), console]
+        callbacks = [_results_writer(d), live(console)]  # (on --resume, Tune calls the ones it saved)
         if resume and tune.Tuner.can_restore(str(tune_dir / "sweep")):
             tuner = tune.Tuner.restore(str(tune_dir / "sweep"), trainable, resume_unfinished=True, resume_errored=True)
         else:
