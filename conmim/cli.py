@@ -57,6 +57,7 @@ def validate(config, sets):
     cfg = load_config(config, list(sets))
     click.echo(cfg.to_yaml(), nl=False)
     click.echo(f"# canonical experiment id: {canonical_hash(cfg)}")
+    click.echo(f"# per-worker batch: {cfg.batch_split()}")
 
 
 def _run_options(fn):

@@ -93,7 +93,8 @@ def test_paper_launcher_fits_the_reference_recipe():
     gpus = GPUS_PER_INSTANCE[nc["InstanceType"]] * gpu["max_workers"]
     assert nc["InstanceType"] == "p5.48xlarge" and gpus == 32 and cfg["max_workers"] >= gpu["max_workers"]
     assert preset.resources.num_workers * preset.resources.gpus_per_worker == gpus
-    assert preset.pretrain.batch_size // preset.resources.num_workers == 64  # per GPU, as the README states
+    # per GPU, as the README states (and `conmim validate` prints): 64 in pre-training, 32 in fine-tuning
+    assert preset.micro_batch("pretrain") == 64 and preset.micro_batch("finetune") == 32
     assert "InstanceMarketOptions" not in nc  # on-demand: a spot reclaim would stop the whole gang
     # EFA on all 32 network cards (AWS's layout for p5: ENA primary + one EFA-only interface per card)
     nis = nc["NetworkInterfaces"]

@@ -96,8 +96,10 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_collectives_get_device_tensors_through_real_pretrain_and_finetune(small, tmp_path, one_rank_group):
-    cfg = small(pretrain__log_every=2)  # 4 steps an epoch: a read-back after step 2 and at the end
+@pytest.mark.parametrize("accumulate", [1, 2])  # 2: micro-batches, DDP's no_sync for the first
+def test_collectives_get_device_tensors_through_real_pretrain_and_finetune(small, tmp_path, one_rank_group, accumulate):
+    # 4 steps an epoch: a read-back after step 2 and at the end
+    cfg = small(pretrain__log_every=2, pretrain__accumulate=accumulate, finetune__accumulate=accumulate)
     load_splits(cfg.data)  # the dataset cache is filled outside the marking, as a Ray worker's would be
     pre_s, ft_s = DeviceOnlySession(tmp_path, "pretrain"), DeviceOnlySession(tmp_path, "finetune")
     with host_tensors_marked():
@@ -267,6 +269,11 @@ def test_training_loops_read_the_device_once_per_interval_not_per_step(small, tm
     with read_backs_counted() as calls:
         pretrain(small(data__subset=512, pretrain__log_every=2), LocalSession(tmp_path / "b", "pretrain"))
     assert len(calls) == 4, calls  # every 2 steps, as configured
+    acc = small(data__subset=512, pretrain__accumulate=2, finetune__accumulate=4)
+    with read_backs_counted() as calls:  # micro-batches add no read-back either
+        pre = pretrain(acc, LocalSession(tmp_path / "c", "pretrain"))
+        finetune(acc, LocalSession(tmp_path / "c", "finetune"), pre["net"].encoder("momentum").state_dict())
+    assert len(calls) <= 2, calls
 
 
 def test_gpu_step_script_runs_on_the_cpu():

@@ -90,6 +90,10 @@ class PretrainConfig(Strict):
     enabled: bool = Field(True, description="false = the paper's 'from scratch' row: fine-tune a random encoder")
     epochs: int = Field(300, ge=0)
     batch_size: int = Field(2048, ge=1, description="global batch, split over the Ray Train workers")
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimiser step: each worker computes "
+                            "batch_size / (num_workers x accumulate) images at a time; the global batch, the lr and "
+                            "momentum schedules and the loss normalisation stay (projector BatchNorm and "
+                            "dictionary=batch's negatives: per micro-batch, as per GPU in the reference)")
     lr: float = Field(5e-4, gt=0)
     lr_batch_size: int = Field(2048, ge=1, description="lr is given for this global batch and scales linearly")
     min_lr: float = Field(1e-5, ge=0)
@@ -110,7 +114,9 @@ class FinetuneConfig(Strict):
     labels_per_class: Optional[int] = Field(None, ge=1, description="low-label fine-tuning: only this many labelled "
                                             "training images per class (a class-balanced subset drawn from the seed, "
                                             "the same in every trial of that seed); null = every label")
-    batch_size: int = Field(1024, ge=1)
+    batch_size: int = Field(1024, ge=1, description="global batch, split over the Ray Train workers")
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimiser step: each worker computes "
+                            "batch_size / (num_workers x accumulate) images at a time (mixup pairs within one)")
     lr: float = Field(4e-3, gt=0)
     lr_batch_size: int = Field(1024, ge=1)
     min_lr: float = Field(1e-6, ge=0)
@@ -157,7 +163,8 @@ class DebugConfig(Strict):
     crash_at_step: Optional[int] = Field(None, ge=0, description="a worker calls os._exit at this global step, once")
     kill_at_step: Optional[int] = Field(None, ge=0, description="a worker sends itself SIGKILL at this global step, once")
     nan_at_step: Optional[int] = Field(None, ge=0, description="the loss becomes NaN at this step")
-    log_steps: bool = Field(False, description="record the loss of every step in result.json")
+    log_steps: bool = Field(False, description="record the loss of every optimiser step (pre-training's in "
+                            "result.json; fine-tuning's in finetune()'s return value)")
     dump_replicas: bool = Field(False, description="every worker saves its final weights to out/replicas/ (to check replicas agree)")
     float64: bool = Field(False, description="pre-train in float64, so that runs which differ only in float32 "
                           "reduction order (1 vs 2 workers) can be compared step by step")
@@ -191,14 +198,14 @@ class ExperimentConfig(Strict):
             raise ValueError("data.root is required for data.name=parquet (a .parquet file or a folder of them)")
         if self.resources.use_gpu and self.resources.gpus_per_worker == 0:
             raise ValueError("resources.gpus_per_worker must be > 0 when resources.use_gpu is true")
-        if self.pretrain.batch_size % self.resources.num_workers:
-            raise ValueError(
-                f"pretrain.batch_size={self.pretrain.batch_size} must be divisible by "
-                f"resources.num_workers={self.resources.num_workers} (it is the global batch)")
-        if self.finetune.batch_size % self.resources.num_workers:
-            raise ValueError(
-                f"finetune.batch_size={self.finetune.batch_size} must be divisible by "
-                f"resources.num_workers={self.resources.num_workers} (it is the global batch)")
+        for phase in ("pretrain", "finetune"):
+            p, w = getattr(self, phase), self.resources.num_workers
+            if p.batch_size % (w * p.accumulate):
+                raise ValueError(
+                    f"{phase}.batch_size={p.batch_size} must be divisible by resources.num_workers={w} x "
+                    f"{phase}.accumulate={p.accumulate} = {w * p.accumulate} (it is the global batch; each worker "
+                    f"computes {phase}.accumulate micro-batches of batch_size / (num_workers x accumulate) "
+                    f"images per step)")
         return self
 
     # -- views ------------------------------------------------------------------------------
@@ -210,6 +217,16 @@ class ExperimentConfig(Strict):
 
     def flat(self) -> dict[str, Any]:
         return flatten(self.to_dict())
+
+    def micro_batch(self, phase: str) -> int:
+        """Images one worker computes at a time in ``phase`` (pretrain, finetune): its per-GPU batch."""
+        p = getattr(self, phase)
+        return p.batch_size // (self.resources.num_workers * p.accumulate)
+
+    def batch_split(self) -> str:
+        """How each phase's global batch is split: workers x micro-batches (``conmim validate`` prints it)."""
+        return ", ".join(f"{ph} {self.micro_batch(ph)} ({getattr(self, ph).batch_size} / {self.resources.num_workers} "
+                         f"workers / accumulate {getattr(self, ph).accumulate})" for ph in ("pretrain", "finetune"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from conmim.method.vit import Classifier, param_groups
 from conmim.train import checkpoint, schedules
 from conmim.train.build import build_encoder
 from conmim.train.evaluate import top1
-from conmim.train.session import Session
+from conmim.train.session import Session, micro_batches
 
 
 def _randaug(spec: str, mean):
@@ -99,25 +99,35 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
     sampler = EpochsOfBatches(len(train), f.batch_size, session.rank, session.world, cfg.seed + 1, epoch, f.epochs)
     loader = iter(batches(make, sampler, cfg.data.num_workers, pin_memory=session.device.type == "cuda"))
     log_every = f.log_every or steps_per_epoch
+    step_losses = []
     while epoch < f.epochs:
         te, first = time.time(), step
-        acc = torch.zeros(2, dtype=torch.float64, device=session.device)  # loss sum, non-finite steps
+        acc = torch.zeros(2, dtype=torch.float64, device=session.device)  # loss sum, non-finite micro-batches
         for _ in range(steps_per_epoch):
-            x, y = session.to_device(next(loader))
             for g in opt.param_groups:
                 g["lr"] = float(lr_at[step]) * g["lr_scale"]
-            if mixup is not None:
-                x, target = mixup(x, y)
-            with session.autocast(f.amp):
-                logits = model(x)
-            if mixup is not None:
-                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            else:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=f.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            # this worker's slice of the global batch in f.accumulate contiguous micro-batches (as in
+            # pre-training); each micro-batch's mean loss / accumulate: the gradients add up to the
+            # mean over the slice, and DDP's average over workers to the global batch's mean
+            for k, (x, y) in enumerate(micro_batches(session.to_device(next(loader)), f.accumulate)):
+                if mixup is not None:
+                    x, target = mixup(x, y)
+                with session.no_sync(model, skip=k < f.accumulate - 1):  # one gradient all-reduce per step
+                    with session.autocast(f.amp):
+                        logits = model(x)
+                    if mixup is not None:
+                        loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean() / f.accumulate
+                    else:
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=f.label_smoothing) / f.accumulate
+                    loss.backward()
+                acc += torch.stack([loss.detach().double(), (~torch.isfinite(loss.detach())).double()])
+                if cfg.debug.log_steps:
+                    step_loss = step_loss + loss.detach().double()
             opt.step()
-            acc += torch.stack([loss.detach().double(), (~torch.isfinite(loss.detach())).double()])
+            if cfg.debug.log_steps:  # (a read-back per step, for the tests: the step's loss, mean over workers)
+                step_losses.append(session.all_reduce_sum(step_loss.clone()).item() / session.world)
             step += 1
             if (step - first) % log_every == 0 or step - first == steps_per_epoch:
                 loss_total, bad = acc.tolist()  # the one wait for the device in a logging interval
@@ -132,4 +142,5 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
         session.report_epoch({**m, "phase": phase}, save if due else None)
     return {f"{phase}_top1": top1(net, splits["test"], cfg, session) if test else float("nan"),
             f"{phase}_val_top1": top1(net, splits["val"], cfg, session),
-            f"{phase}_history": history, f"{phase}_seconds": time.time() - t0}
+            f"{phase}_history": history, f"{phase}_seconds": time.time() - t0,
+            **({f"{phase}_step_losses": step_losses} if cfg.debug.log_steps else {})}

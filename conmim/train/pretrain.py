@@ -21,7 +21,7 @@ from conmim.method.vit import param_groups
 from conmim.train import checkpoint, faults, schedules
 from conmim.train.build import build_conmim, mask_generator
 from conmim.train.evaluate import knn_top1_of
-from conmim.train.session import Session
+from conmim.train.session import Session, micro_batches
 
 
 def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
@@ -40,7 +40,7 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     # Global BatchNorm all-reduces inside autograd; DDP's asynchronous bucket all-reduces would
     # interleave with those collectives, so with sync_bn the gradients are averaged after backward.
     manual_sync = session.collectives and p.sync_bn
-    model = net if manual_sync else session.ddp(net)
+    model = ddp = net if manual_sync else session.ddp(net)
     if p.compile:
         model = torch.compile(model)
     opt = torch.optim.AdamW(param_groups(net.online, p.weight_decay), lr=p.lr, betas=tuple(p.betas))
@@ -77,6 +77,8 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     # The mean over every masked patch of the global batch, with a count fixed by the masking
     # (every mask has `net.rows` patches): DDP averages gradients over workers, so each worker
     # scales its sum by world / global count, and nothing is read back from the device per step.
+    # With accumulation the micro-batches' gradients add up to the same global mean: the scale
+    # does not depend on how the global batch is split.
     global_rows = p.batch_size * net.rows
     loader = iter(_batches(cfg, train, transform, maskgen, session, epoch))
     log_every = p.log_every or steps_per_epoch
@@ -87,27 +89,37 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
         read = step  # the step of the last read-back
         net.train()
         for _ in range(steps_per_epoch):
-            images, params, mask = session.to_device(next(loader))
-            masked_view, full_view = (v.to(dtype) for v in transform.views(images, params))
-            loss_mask = mask if cfg.masking.enabled else torch.ones_like(mask)
             for g in opt.param_groups:
                 g["lr"] = float(lr_at[step])
-            with session.autocast(p.amp):
-                loss_sum, spread = model(masked_view, full_view, mask, loss_mask)
-            loss = faults.poison(cfg, step, loss_sum * session.world / global_rows)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step_sum = 0.0
+            # The loader yields this worker's slice of the global batch, cut here into p.accumulate
+            # contiguous micro-batches (the slices world x accumulate workers would get): the
+            # sampler, the prefetch depth and resuming stay counted in optimiser steps, and the
+            # uint8 slice is small next to the activations, which only a micro-batch's views make.
+            for k, (images, params, mask) in enumerate(micro_batches(session.to_device(next(loader)), p.accumulate)):
+                masked_view, full_view = (v.to(dtype) for v in transform.views(images, params))
+                loss_mask = mask if cfg.masking.enabled else torch.ones_like(mask)
+                with session.no_sync(ddp, skip=k < p.accumulate - 1):  # one gradient all-reduce per step
+                    with session.autocast(p.amp):
+                        loss_sum, spread = model(masked_view, full_view, mask, loss_mask)
+                    loss = faults.poison(cfg, step, loss_sum * session.world / global_rows)
+                    loss.backward()
+                # (the loss sum from the loss itself, so that a NaN injected into it is counted)
+                acc[:2] += torch.stack([loss.detach().double() * (global_rows / session.world),
+                                        spread.detach().double() / p.accumulate])
+                acc[3] += (~torch.isfinite(loss.detach())).double()
+                if cfg.debug.log_steps:
+                    step_sum = step_sum + loss_sum.detach().double()
             if manual_sync:
                 session.average_gradients(net.online.parameters())
             gn = nn.utils.clip_grad_norm_(net.online.parameters(), p.clip_grad or float("inf"))
             opt.step()
             net.update_momentum(float(m_at[step]))
-            # (the loss sum from the loss itself, so that a NaN injected into it is counted)
-            acc += torch.stack([loss.detach().double() * (global_rows / session.world), spread.detach().double(),
-                                gn.detach().double(), (~torch.isfinite(loss.detach())).double()])
+            acc[2] += gn.detach().double()
             step += 1
             if cfg.debug.log_steps:  # (a read-back per step: for the tests that compare runs step by step)
-                step_losses.append(session.all_reduce_sum(loss_sum.detach().double().clone()).item() / global_rows)
+                step_losses.append(session.all_reduce_sum(step_sum.clone()).item() / global_rows)
             faults.after_step(cfg, session.out_dir, session.rank, step)
             if step - read == log_every and step - first < steps_per_epoch:
                 t = _read_back(session, acc, read, step, epoch)

@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -90,6 +90,15 @@ class Session:
         if self.device.type == "cuda":
             ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    @staticmethod
+    def no_sync(module: torch.nn.Module, skip: bool):
+        """``with session.no_sync(model, skip)`` around a micro-batch's forward and backward: with
+        ``skip`` (every micro-batch of an optimiser step but the last) DDP keeps the gradients
+        local, and the last one's backward all-reduces their sum; a module without DDP: nothing."""
+        if skip and isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            return module.no_sync()
+        return nullcontext()
 
     def average_gradients(self, params) -> None:
         """One flat all-reduce of every gradient, divided by the number of workers."""
@@ -180,6 +189,26 @@ class RaySession(Session):
         # paper scale, where a checkpoint is over a GB)
         with self._ckpt.as_directory() as d:
             yield Path(d)
+
+
+def micro_batches(batch, parts: int) -> list:
+    """``batch`` (tensors in lists and (named) tuples, None allowed) cut along dim 0 into ``parts``
+    equal, contiguous micro-batches (views, no copies)."""
+    if parts == 1:
+        return [batch]
+
+    def cut(b, k: int):
+        if isinstance(b, torch.Tensor):
+            if b.shape[0] % parts:
+                raise ValueError(f"a batch of {b.shape[0]} cannot be cut into {parts} equal micro-batches")
+            n = b.shape[0] // parts
+            return b[k * n: (k + 1) * n]
+        if isinstance(b, (tuple, list)):
+            items = [cut(x, k) for x in b]
+            return type(b)(*items) if hasattr(b, "_fields") else type(b)(items)
+        return b
+
+    return [cut(batch, k) for k in range(parts)]
 
 
 def set_threads(n: Optional[int]) -> None:
