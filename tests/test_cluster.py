@@ -630,8 +630,9 @@ def test_jobs_stop_ends_trial_runs_as_killed(cluster, mlflow_server, tmp_path):
     children = [x for x in runs if x.data.tags.get("conmim.role") == "trial"]
     parent = next(x for x in runs if x.data.tags.get("conmim.role") == "sweep")
     assert len(children) == 2 and all(x.info.status == "KILLED" for x in children), \
-        [(x.info.run_name, x.info.status) for x in children]
-    assert all("SIGTERM" in x.data.tags["conmim.failure_reason"] for x in children)
+        [(x.info.run_name, x.info.status, x.data.tags.get("conmim.failure_reason")) for x in children]
+    assert all("SIGTERM" in x.data.tags["conmim.failure_reason"] for x in children), \
+        [(x.info.run_name, x.data.tags.get("conmim.failure_reason")) for x in children]
     assert parent.info.status == "KILLED" and "SIGTERM" in parent.data.tags["conmim.failure_reason"]
     logs = subprocess.run([CONMIM, "jobs", "logs", job_id, "--address", cluster["dashboard"]], capture_output=True,
                           text=True, env=env, timeout=60).stdout

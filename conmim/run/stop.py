@@ -39,8 +39,12 @@ def stopping(sweep_dir: Path) -> Optional[str]:
 class SignalStop:
     SIGNALS = ("SIGINT", "SIGTERM")
 
-    def __init__(self, sweep_dir: Path):
+    def __init__(self, sweep_dir: Path, on_stop=None):
+        """``on_stop(reason)`` runs in the handler, before anything is torn down: `ray job stop`
+        SIGKILLs the driver a grace period after SIGTERM, and Tune's own clean-up of the trials
+        can take longer than that; the bookkeeping that must survive goes first."""
         self.marker, self.signame, self.stopping, self.saved = Path(sweep_dir) / STOP_MARKER, None, False, {}
+        self.on_stop = on_stop
         self.marker.unlink(missing_ok=True)
 
     def install(self) -> None:
@@ -79,4 +83,9 @@ class SignalStop:
             os.replace(tmp, self.marker)
         except OSError:
             pass
+        if self.on_stop is not None:
+            try:
+                self.on_stop(self.reason)
+            except Exception as e:  # noqa: BLE001 - the sweep's finally block tries again
+                print(f"[conmim] could not end the runs yet ({type(e).__name__}: {e}); trying again on the way out")
         raise SweepStopped(name)

@@ -162,7 +162,11 @@ def run_sweep(sweep: Sweep, resume: bool = False, report: bool = True, echo=prin
     # The sweep prints its own console (run/console.py). Ray's new output engine prints its
     # experiment table and a TensorBoard hint even at verbose=0; its legacy reporter at 0 is silent.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    stop = SignalStop(d)
+    def end_runs(reason: str) -> None:  # the trials' runs and the parent's: KILLED, with the reason
+        mlflow_runs.close_open_children(uri, exp_id, parent_id, "KILLED", reason)
+        mlflow_runs.end_run(uri, parent_id, "KILLED", reason)
+
+    stop = SignalStop(d, on_stop=end_runs)
     links = mlflow_links(uri, exp_id, parent_id, sweep.path)
     console = SweepConsole(sweep, echo)
     status = "FINISHED"

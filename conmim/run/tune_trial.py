@@ -85,6 +85,9 @@ def run_one_trial(params: dict, info: dict) -> None:
         tune.report({"status": "failed"})
         return
     except BaseException as e:  # noqa: BLE001 - record, then let Tune see the error
+        if why := stopping(sweep_dir):  # e.g. Ray cancelling the Train run's controller as the sweep goes down
+            mlflow_runs.end_run(uri, run_id, "KILLED", why)
+            raise
         reason = f"{type(e).__name__}: {e}"
         write_json(out / FAILED_FILE, {"reason": reason, "kind": "error", "time": time.time(),
                                        "traceback": traceback.format_exc()})
