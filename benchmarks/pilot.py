@@ -108,15 +108,16 @@ def plot(results: list[dict], path: Path, epochs: int) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     scratch = {r["name"].split("_")[0]: r for r in results if r["name"].endswith("scratch")}
     colours = {"vit_m0.99": "#1f77b4", "beit_m0.99": "#d62728", "beit_m0.996": "#9467bd"}
+    palette = iter(["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"])
     for r in results:
-        if "curve" not in r or len(r["curve"]) < 3:
+        pts = [p for p in r.get("curve", []) if p.get("knn_momentum") is not None]
+        if len(pts) < 3:
             continue
-        key = "_".join(r["name"].split("_")[:2])
-        c = colours.get(key, "grey")
-        e = [p["epoch"] for p in r["curve"]]
-        a.plot(e, [100 * p["knn_momentum"] for p in r["curve"]], "-", color=c, label=f"{key} momentum encoder")
-        a.plot(e, [100 * p["knn_online"] for p in r["curve"]], "--", color=c, label=f"{key} online encoder")
-    a.set_xlabel("pre-training epoch (8 000 images, batch 256: 31 steps an epoch)")
+        c = next(palette)
+        e = [p["epoch"] * (125 if "b64" in r["name"] else 31) for p in pts]  # optimiser steps
+        a.plot(e, [100 * p["knn_momentum"] for p in pts], "-o", ms=3, color=c, label=f"{r['name']} momentum")
+        a.plot(e, [100 * p["knn_online"] for p in pts], "--", color=c, label=f"{r['name']} online")
+    a.set_xlabel("optimiser steps (an epoch of 8 000 images: 31 at batch 256, 125 at batch 64)")
     a.set_ylabel("k-NN top-1 on validation (%)")
     a.set_title("frozen encoders vs their random initialisation (epoch 0)")
     a.legend(fontsize=7)

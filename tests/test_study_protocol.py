@@ -41,7 +41,7 @@ def test_a_network_that_only_sees_position_is_flagged_and_a_random_one_is_not(sm
         vit.pos_embed.normal_(0, 1)
         cheat.momentum.net.load_state_dict(cheat.online.state_dict())
     d = shortcut_diagnostics(cheat, val, cfg.model.img_size, "cpu", n=128)
-    assert d["all_masked_loss"] < 0.5 * math.log(P) and d["positional_shortcut"], d
+    assert d["all_masked_loss"] < 0.1 * math.log(P) and d["positional_shortcut"], d
     assert d["position_spread"] < 0.05, d
 
 

@@ -43,11 +43,13 @@ def test_every_shipped_sweep_resolves_at_paper_scale(path, tmp_path):
 
 def test_ablations_expand_to_expected_trials_and_aliases():
     sw = load_sweep(str(REPO / "sweeps" / "ablations.yaml"))
-    assert len(sw.trials) == 14 * 3 and len(sw.distinct) == 13 * 3 and len(sw.aliases) == 3
+    assert len(sw.trials) == 6 * 5 and len(sw.distinct) == 5 * 5 and len(sw.aliases) == 5
     assert {t.variant for t in sw.aliases} == {"momentum_no_stop_grad"}
     assert all(t.alias_of.startswith("baseline_seed") for t in sw.aliases)
+    assert {t.variant for t in sw.distinct} == {"baseline", "scratch", "no_momentum_encoder", "no_stop_grad",
+                                                "no_asymmetry"}
     res = CliRunner().invoke(main, ["sweep", str(REPO / "sweeps" / "ablations.yaml"), "--dry-run"])
-    assert "42 trials: 39 distinct, 3 aliases" in res.output and "baseline_seed0" in res.output
+    assert "30 trials: 25 distinct, 5 aliases" in res.output and "baseline_seed0" in res.output
 
 
 def sweep_file(tmp_path, name, variants, seeds=(0,), **extra):

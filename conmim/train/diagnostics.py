@@ -11,7 +11,10 @@ see a positional code):
   position (times sqrt(D), averaged over positions): about 1 when targets describe content, near
   0 when a position's target is the same in every image.
 
-A trial is flagged (``positional_shortcut``) when ``all_masked_loss < 0.5 ln P``."""
+A trial is flagged (``positional_shortcut``) when ``all_masked_loss < 0.1 ln P``: position alone
+solves the task. (At tiny scale the reference-style baseline with an absolute position embedding
+reaches 0.4-0.6 ln P: it uses position a good deal, and the column says so; a differentiable key
+branch reaches ~0.)"""
 from __future__ import annotations
 
 import math
@@ -24,7 +27,7 @@ from conmim.data.transforms import EvalTransform
 from conmim.method.conmim import ConMIM
 from conmim.method.objective import denoising_contrast_loss
 
-SHORTCUT_FRACTION = 0.5  # all-masked loss below this fraction of ln P: the task is solved by position
+SHORTCUT_FRACTION = 0.1  # all-masked loss below this fraction of ln P: the task is solved by position
 
 
 @torch.no_grad()
