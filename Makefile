@@ -27,7 +27,7 @@ data:
 # The ablation study's protocol on one seed (the full study, 5 seeds: README, "Sweeps").
 demo: install data
 	rm -rf runs/demo
-	$(BIN)/conmim sweep sweeps/ablations.yaml --set seeds=[0] --set name=demo \
+	$(BIN)/conmim sweep sweeps/ablations.yaml --set seeds=[0] --set name=demo --set only=[scratch,no_stop_grad] \
 	    --set storage=runs --set mlflow.tracking_uri=sqlite:///$(CURDIR)/runs/mlflow.db
 	$(BIN)/conmim report runs/demo
 

@@ -218,6 +218,43 @@ def test_kuberay_manifests_parse_and_run_an_existing_sweep():
             assert "/conmim@sha256:" in c["image"] and "FILL_IN" in c["image"], (name, c["image"])
 
 
+KUBERAY_CRDS = Path(__file__).parent / "data" / "kuberay-v1.6.0-crd-schemas.json.gz"  # tests/data/README.md
+
+
+def _strict(schema):
+    """A CRD schema as the API server applies it under strict field validation (kubectl's default
+    since Kubernetes 1.27): an unknown field is an error, unless the schema preserves unknown fields."""
+    if isinstance(schema, list):
+        return [_strict(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    s = {k: (v if k == "properties" else _strict(v)) for k, v in schema.items()}
+    if "properties" in s:
+        s["properties"] = {name: _strict(sub) for name, sub in s["properties"].items()}
+        if not s.get("x-kubernetes-preserve-unknown-fields"):
+            s.setdefault("additionalProperties", False)
+    return s
+
+
+def test_kuberay_manifests_validate_against_the_kuberay_crds():
+    import copy
+    import gzip
+    import jsonschema
+    schemas = json.loads(gzip.decompress(KUBERAY_CRDS.read_bytes()))
+    ray_docs = [d for _, d in _manifests() if d["apiVersion"].startswith("ray.io")]
+    assert sorted(d["kind"] for d in ray_docs) == ["RayCluster", "RayJob"]
+    validators = {k: jsonschema.Draft4Validator(_strict(schemas[k])) for k in ("RayCluster", "RayJob")}
+    for d in ray_docs:
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validators[d["kind"]].iter_errors(d)]
+        assert not errors, (d["kind"], errors)
+    # the check can fail: a misspelt key, and a value of the wrong type, are refused
+    rc = copy.deepcopy(next(d for d in ray_docs if d["kind"] == "RayCluster"))
+    rc["spec"]["authOptions"]["secretname"] = rc["spec"]["authOptions"].pop("secretName")
+    rc["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
+    messages = " ".join(e.message for e in validators["RayCluster"].iter_errors(rc))
+    assert "'secretname' was unexpected" in messages and "'four' is not of type 'integer'" in messages
+
+
 def test_kuberay_mlflow_requires_authentication():
     docs = {d["kind"]: d for f, d in _manifests() if f == "mlflow.yaml"}
     c = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]

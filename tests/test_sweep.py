@@ -52,6 +52,15 @@ def test_ablations_expand_to_expected_trials_and_aliases():
     assert "30 trials: 25 distinct, 5 aliases" in res.output and "baseline_seed0" in res.output
 
 
+def test_only_runs_a_subset_of_the_arms_with_the_baseline():
+    """What `make demo` runs: the study's protocol, one seed, three arms."""
+    sw = load_sweep(str(REPO / "sweeps" / "ablations.yaml"), ["seeds=[0]", "only=[scratch,no_stop_grad]"])
+    assert [t.name for t in sw.trials] == ["baseline_seed0", "scratch_seed0", "no_stop_grad_seed0"]
+    full = load_sweep(str(REPO / "sweeps" / "ablations.yaml"), ["seeds=[0]"])
+    assert {t.name: t.key for t in full.trials if t.name in {x.name for x in sw.trials}} == {
+        t.name: t.key for t in sw.trials}  # the same trials as in the study, not look-alikes
+
+
 def sweep_file(tmp_path, name, variants, seeds=(0,), **extra):
     spec = {"name": name, "base": {"config": "tiny", "set": dict(SMALL)}, "seeds": list(seeds),
             "variants": variants, "storage": str(tmp_path / "ray_results"),
@@ -231,6 +240,7 @@ def test_unreachable_mlflow_is_exit_2_before_ray(tmp_path):
     ("name: x\nbase: tiny\nsearch: random\n", "search"),
     ("name: x\nbase: tiny\nscheduler: asha\n", "asha"),
     ("name: x\nbase: tiny\nbogus: 1\n", "bogus"),
+    ("name: x\nbase: tiny\nvariants:\n  - {name: a}\nonly: [b]\n", "only"),
 ])
 def test_bad_sweep_file_exits_2(tmp_path, text, key):
     p = tmp_path / "s.yaml"

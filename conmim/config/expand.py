@@ -155,7 +155,8 @@ def load_sweep(path: str, sets: list[str] | None = None, check_paths: bool = Tru
     sweep = Sweep(spec, Path(path), base_raw, [])
     grid_keys = list(spec.grid)
     combos = list(itertools.product(*(spec.grid[k] for k in grid_keys))) or [()]
-    variants = [Variant(name="baseline", note="the base configuration")] + spec.variants
+    variants = [Variant(name="baseline", note="the base configuration")] + [
+        v for v in spec.variants if spec.only is None or v.name in spec.only]
     seen: dict[str, str] = {}
     for v in variants:
         for combo in combos:

@@ -113,6 +113,8 @@ class SweepConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: Union[str, BaseSpec]
     variants: list[Variant] = Field(default_factory=list)
+    only: Optional[list[str]] = Field(None, description="run only these variants (the baseline always runs): a "
+                                      "subset of a study without editing its file, e.g. --set only=[scratch]")
     grid: dict[str, list] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     search: Literal["grid", "optuna"] = "grid"
@@ -158,6 +160,10 @@ class SweepConfig(Strict):
             raise ValueError(f"variants: duplicate variant name(s) {sorted(dup)}; names must be unique")
         if "baseline" in names:
             raise ValueError("variants: 'baseline' is implicit (the base config); give this variant another name")
+        unknown = [n for n in self.only or [] if n not in names + ["baseline"]]
+        if unknown:
+            raise ValueError(f"only: {', '.join(map(repr, unknown))} is not a variant of this sweep; allowed: "
+                             f"{', '.join(['baseline'] + names)}")
         if self.search == "optuna":
             if self.optuna is None or not self.optuna.space:
                 raise ValueError("search=optuna needs an 'optuna' section with a non-empty 'space'")
