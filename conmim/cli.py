@@ -280,12 +280,14 @@ def jobs_stop(job_id, address, timeout, insecure_http):
 @click.argument("source")
 @click.option("--tracking-uri", default=None, help="MLflow store when SOURCE is an experiment name (default: ./mlflow.db).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where report.md/report.png go.")
+@click.option("--metric", default=None, help="Another metric as the table's primary (default: the sweep file's "
+              "report.metric), e.g. knn_top1; written to report_METRIC.md/.png.")
 @friendly_errors
-def report(source, tracking_uri, out):
+def report(source, tracking_uri, out, metric):
     """Ablation table of a sweep: SOURCE is a sweep folder or an MLflow experiment name."""
     from conmim.report import make_report
     try:
-        res = make_report(source, tracking_uri, Path(out) if out else None)
+        res = make_report(source, tracking_uri, Path(out) if out else None, metric)
     except FileNotFoundError as e:
         raise UsageProblem(str(e)) from None
     click.echo(res["markdown"])

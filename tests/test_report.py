@@ -139,6 +139,21 @@ def test_primary_metric_and_reference_come_from_the_sweep_file(tmp_path):
     assert "70.00 |" not in base and "71.00 | 50.00 |" in base  # full-label FT mean 71.00 shown beside the probe
 
 
+def test_metric_option_writes_a_secondary_table_beside_the_primary(tmp_path):
+    rows = three_seeds()
+    for r in rows:
+        r["knn_top1"] = 0.6 + (0.05 if r["variant"] == "minus" else 0) + 0.001 * r["seed"]
+    d = write(tmp_path / "sw", rows)
+    primary = make_report(d)["markdown"]
+    res = CliRunner().invoke(main, ["report", str(d), "--metric", "knn_top1"])
+    assert res.exit_code == 0, res.output
+    knn = (d / "report_knn_top1.md").read_text()
+    assert "| knn_top1 | Δ [95 % CI] |" in knn and "+5.00" in line(knn, "minus")
+    assert (d / "report.md").read_text() == primary and (d / "report_knn_top1.png").exists()
+    bad = CliRunner().invoke(main, ["report", str(d), "--metric", "top5"])
+    assert bad.exit_code == 2 and "report.metric" in bad.output and "knn_top1" in bad.output, bad.output
+
+
 def test_unknown_metric_in_the_sweep_file_is_exit_2(tmp_path):
     d = write(tmp_path / "sw", three_seeds(), report={"metric": "top5"})
     res = CliRunner().invoke(main, ["report", str(d)])

@@ -18,8 +18,11 @@ from conmim.report.rows import report_spec_from_mlflow, report_spec_of_sweep, ro
 from conmim.report.table import markdown, summarize
 
 
-def make_report(source: str | Path, tracking_uri: Optional[str] = None, out_dir: Optional[Path] = None) -> dict:
-    """Report of a sweep folder (results.parquet) or of an MLflow experiment by name."""
+def make_report(source: str | Path, tracking_uri: Optional[str] = None, out_dir: Optional[Path] = None,
+                metric: Optional[str] = None) -> dict:
+    """Report of a sweep folder (results.parquet) or of an MLflow experiment by name. ``metric``:
+    another column as the table's primary metric, for a secondary read-out (e.g. the k-NN of the
+    study); it goes to report_METRIC.md/.png beside the primary report, which stays as it is."""
     src = Path(source)
     if (src / "results.parquet").exists():
         rows, title = rows_from_parquet(src), src.name
@@ -31,18 +34,22 @@ def make_report(source: str | Path, tracking_uri: Optional[str] = None, out_dir:
         rows, title, state = rows_from_mlflow(str(source), uri), str(source), {}
         spec = validated_spec(report_spec_from_mlflow(str(source), uri), f"MLflow experiment '{source}' (sweep tags)")
         out_dir = out_dir or Path(".")
+    secondary = metric is not None and metric != spec.metric
+    if secondary:
+        spec = validated_spec({"metric": metric, "baseline": spec.baseline}, "--metric")
     if rows and spec.metric not in rows[0]:
         raise ConfigError(f"report.metric = {spec.metric!r} is not a column of the sweep's results; columns: "
                           f"{', '.join(k for k in rows[0] if k in FINAL_METRICS)}.")
     summary = summarize(rows, spec.metric, spec.baseline)
     md = markdown(summary, f"Ablation: {title}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.md").write_text(md)
+    stem = f"report_{spec.metric}" if secondary else "report"
+    (out_dir / f"{stem}.md").write_text(md)
     ref = summary[0]["reference"] if summary else spec.baseline
-    png = forest_plot(summary, out_dir / "report.png", f"{title}: Δ {spec.metric} vs {ref}")
+    png = forest_plot(summary, out_dir / f"{stem}.png", f"{title}: Δ {spec.metric} vs {ref}")
     if state.get("parent_run_id"):
         from conmim.tracking import client as mlflow_runs
         c = mlflow_runs.client(state["tracking_uri"])
-        mlflow_runs.retry(c.log_artifact, state["parent_run_id"], str(out_dir / "report.md"))
+        mlflow_runs.retry(c.log_artifact, state["parent_run_id"], str(out_dir / f"{stem}.md"))
         mlflow_runs.retry(c.log_artifact, state["parent_run_id"], str(png))
-    return {"markdown": md, "summary": summary, "png": png, "report": out_dir / "report.md"}
+    return {"markdown": md, "summary": summary, "png": png, "report": out_dir / f"{stem}.md"}
