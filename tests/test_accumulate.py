@@ -104,7 +104,7 @@ def test_finetuning_micro_batches_equal_the_whole_batch(small, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("sets,keys", [
-    (["pretrain.accumulate=3"], ["pretrain.batch_size=256", "resources.num_workers=1", "pretrain.accumulate=3"]),
+    (["pretrain.accumulate=3"], ["pretrain.batch_size=64", "resources.num_workers=1", "pretrain.accumulate=3"]),
     (["resources.num_workers=2", "finetune.accumulate=3"],
      ["finetune.batch_size=128", "resources.num_workers=2", "finetune.accumulate=3"]),
     (["pretrain.accumulate=0"], ["pretrain.accumulate"]),
