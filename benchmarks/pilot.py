@@ -27,6 +27,9 @@ import torch  # noqa: E402
 VIT = {}  # the tiny preset's encoder: timm ViT, absolute position embedding
 BEIT = {"model.name": "beit_base_patch16_224", "model.shared_rel_pos_bias": True, "model.layer_scale_init": 0.1}
 LOW = {"finetune.labels_per_class": 100, "finetune.epochs": 15}  # 1 000 labels
+# the pre-training settings of `tiny` when the pilot ran, pinned: the preset has since moved to what
+# the pilot chose (batch 64), and a rerun must run the pilot, not the new preset
+PILOT_BASE = {"pretrain.batch_size": 256, "pretrain.lr_batch_size": 256, "pretrain.warmup_epochs": 1}
 
 
 def runs(epochs: int) -> list[tuple[str, dict, bool]]:
@@ -48,7 +51,13 @@ def runs(epochs: int) -> list[tuple[str, dict, bool]]:
     for budget in (epochs // 8, epochs // 4):
         out.append((f"vit_b64_m0.99_{budget}ep", {**VIT, **small, "objective.momentum": 0.99,
                                                   "pretrain.epochs": budget}, True))
-    return out
+    return [(name, {**PILOT_BASE, **overrides}, curve) for name, overrides, curve in out]
+
+
+def steps_per_epoch(run: dict) -> int:
+    """Optimiser steps in an epoch of the pilot's 8 000 images (records written before PILOT_BASE
+    existed name no batch size: theirs was 256)."""
+    return 8000 // run["overrides"].get("pretrain.batch_size", 256)
 
 
 def one(name: str, overrides: dict, curve: bool, seed: int) -> dict:
@@ -107,14 +116,13 @@ def plot(results: list[dict], path: Path, epochs: int) -> None:
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     scratch = {r["name"].split("_")[0]: r for r in results if r["name"].endswith("scratch")}
-    colours = {"vit_m0.99": "#1f77b4", "beit_m0.99": "#d62728", "beit_m0.996": "#9467bd"}
     palette = iter(["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"])
     for r in results:
         pts = [p for p in r.get("curve", []) if p.get("knn_momentum") is not None]
         if len(pts) < 3:
             continue
         c = next(palette)
-        e = [p["epoch"] * (125 if "b64" in r["name"] else 31) for p in pts]  # optimiser steps
+        e = [p["epoch"] * steps_per_epoch(r) for p in pts]
         a.plot(e, [100 * p["knn_momentum"] for p in pts], "-o", ms=3, color=c, label=f"{r['name']} momentum")
         a.plot(e, [100 * p["knn_online"] for p in pts], "--", color=c, label=f"{r['name']} online")
     a.set_xlabel("optimiser steps (an epoch of 8 000 images: 31 at batch 256, 125 at batch 64)")
