@@ -3,8 +3,8 @@
 A loader worker (one ``data.num_workers`` process) decodes each JPEG (at reduced size where the
 crop allows, ``data.decode_draft``), crops and flips it to 224² uint8, draws the views' parameters
 and the mask; the views themselves are made on the GPU. This measures images/s of that work in
-one process, beside the two things it replaced or avoids (a full-size decode; the views made on
-the CPU too), and says how many workers a GPU at a given step speed needs.
+one process, beside the things it replaced or avoids (a full-size decode; the crop resampled by
+PIL; the views made on the CPU too), and says how many workers a GPU at a given step speed needs.
 
     python benchmarks/input_pipeline.py [--images 256] [--gpu-images-per-s 1221]
 """
@@ -43,6 +43,27 @@ def write_jpegs(root: Path, n: int, classes: int = 8, size=(500, 375)) -> Path:
     return root
 
 
+def pil_crop(seed, epoch, size, scale, ratio, flip_p, stream):
+    """The loader's crop as it was before (for the comparison in one run): PIL's flip and
+    ``resize(box=...)`` per image, then to a uint8 tensor."""
+    from PIL import Image
+    from conmim.data import rng as crng
+    from conmim.data.geometry import GEOMETRY_UNIFORMS, crop_boxes
+
+    def crop(imgs, index):
+        out = []
+        for im, uu in zip(imgs, crng.uniforms(seed, epoch, index, stream, GEOMETRY_UNIFORMS)):
+            W, H = im.size
+            (top, left, h, w), = crop_boxes(uu[None], H, W, scale, ratio)
+            im = im.convert("RGB")
+            if uu[-1] < flip_p:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            im = im.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+            out.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
+        return out
+    return crop
+
+
 def per_worker(make, batches) -> float:
     """images/s of ``make`` over ``batches`` in this process (one loader worker's work)."""
     make(*batches[0])  # warm-up: imports, caches
@@ -72,9 +93,10 @@ def measure(root: Path, batch: int, views_too: bool = True) -> dict:
     maskgen = mask_generator(cfg)
     batches = list(ShardedBatches(len(train), batch, 0, 1, cfg.seed, 0))
 
-    def loader_side(draft: bool, views_on_cpu: bool = False):
+    def loader_side(draft: bool, views_on_cpu: bool = False, pil: bool = False):
         def make(ep, index):
-            crop = PerImageCrop(cfg.seed, ep, size, aug.crop_scale, aug.crop_ratio, aug.flip_p, crng.GEOMETRY, draft)
+            crop = PerImageCrop(cfg.seed, ep, size, aug.crop_scale, aug.crop_ratio, aug.flip_p, crng.GEOMETRY, draft) \
+                if not pil else pil_crop(cfg.seed, ep, size, aug.crop_scale, aug.crop_ratio, aug.flip_p, crng.GEOMETRY)
             x = train.batch(index, size, crop=crop)
             p = tf.params(ep, index, size, size)
             if views_on_cpu:
@@ -88,6 +110,7 @@ def measure(root: Path, batch: int, views_too: bool = True) -> dict:
     kinds = {"draft": loader_side(True), "full": loader_side(False), "masks": masks_only}
     if views_too:
         kinds["views_on_cpu"] = loader_side(True, views_on_cpu=True)
+        kinds["pil_crop"] = loader_side(False, pil=True)
     rates: dict = {}
     for _ in range(2):  # interleaved, best of two: this machine is noisy
         for name, make in kinds.items():
@@ -115,6 +138,8 @@ def main() -> None:
         print(f"{name:<10} {x['draft']:8.1f} {x['full']:8.1f} {x['draft'] / x['full']:10.2f}")
     print(f"500x375, the two views made on the CPU as well (before): {r['views_on_cpu']:.1f} images/s "
           f"(now / before {r['draft'] / r['views_on_cpu']:.1f}x)")
+    print(f"500x375, the crop resampled by PIL (before): {r['pil_crop']:.1f} images/s "
+          f"(now, draft off / before {r['full'] / r['pil_crop']:.2f}x)")
     print(f"block masks alone: {r['masks']:.0f} images/s")
     for name, x in rates.items():
         print(f"workers for a GPU at {a.gpu_images_per_s:.0f} images/s on {name} JPEGs: "

@@ -6,11 +6,17 @@ Prints: model FLOPs per step; images/s of the step alone and of the real loop; t
 pipeline ratio); achieved FLOP/s of the step over a large fp32 matmul measured here (MFU); the
 time one batch's data takes in the step's own process; peak RSS.
 
-    python benchmarks/step.py [--set key=value ...] [--steps N] [--compile]
+Both speeds are timed over windows of 10 steps, in interleaved rounds (step alone, real loop, x3),
+and each is the 90th percentile of its windows: this VM's speed swings by 20-30 % within a minute,
+which that percentile leaves out and a single timing of each would put into the ratio (the best
+window, an extreme of ~100 samples, moved the ratio by +-4 % between runs of the same code).
+
+    python benchmarks/step.py [--set key=value ...] [--windows N] [--epochs N] [--compile]
 """
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import sys
 import tempfile
@@ -33,6 +39,14 @@ from conmim.train.build import build_conmim, mask_generator  # noqa: E402
 from conmim.train.pretrain import pretrain  # noqa: E402
 from conmim.train.session import LocalSession  # noqa: E402
 
+WINDOW = 10  # steps per timed window
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of the windows' speeds: the 90th percentile is the speed of an
+    uncontended window, steadier than the single best one."""
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
 
 def matmul_flops(n: int = 2048, reps: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -49,7 +63,9 @@ def matmul_flops(n: int = 2048, reps: int = 10) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of (step alone, real loop)")
+    ap.add_argument("--windows", type=int, default=30, help="windows of the step alone per round")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of the real loop per round")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--compile", action="store_true", help="pretrain.compile=true: the step's forward under torch.compile")
     args = ap.parse_args()
@@ -87,34 +103,50 @@ def main():
         real_batch(*b)
     data_ms = (time.perf_counter() - t) / 10 * 1000
 
-    def step_alone():
+    def step_alone(windows: int) -> list[float]:
         for i in range(3):
             step(*premade[i % 4])
-        t = time.perf_counter()
-        for i in range(args.steps):
-            step(*premade[i % 4])
-        return args.steps * B / (time.perf_counter() - t)
+        rates = []
+        for _ in range(windows):
+            t = time.perf_counter()
+            for i in range(WINDOW):
+                step(*premade[i % 4])
+            rates.append(WINDOW * B / (time.perf_counter() - t))
+        return rates
 
-    def real_loop():
-        run = pretrain(load_config(args.preset, sets + ["pretrain.epochs=3", "eval.proxy_every=0",
-                                                        "pretrain.checkpoint_every=100"]),
-                       LocalSession(Path(tempfile.mkdtemp(prefix="conmim-step-")), "pretrain"))
-        n = len(batches) * B
-        return max(n / h["epoch_seconds"] for h in run["history"][1:])  # epoch 1 carries the warm-up
+    class Clocked(LocalSession):
+        """Notes the time of each mid-epoch read-back (every WINDOW steps, pretrain.log_every)."""
+        def log(self, line):
+            m = re.match(r"\[pretrain\] epoch (\d+) step (\d+)/", line)
+            if m:
+                self.marks.append((int(m[1]), int(m[2]), time.perf_counter()))
 
-    # interleaved, best of each: the machine's noise falls on both
-    alone = [step_alone()]
-    loop = [real_loop()]
-    alone.append(step_alone())
-    alone_ips, loop_ips = max(alone), max(loop)
+    def real_loop() -> list[float]:
+        session = Clocked(Path(tempfile.mkdtemp(prefix="conmim-step-")), "pretrain")
+        session.marks = []
+        pretrain(load_config(args.preset, sets + [f"pretrain.epochs={args.epochs}", "eval.proxy_every=0",
+                                                  "pretrain.checkpoint_every=100", f"pretrain.log_every={WINDOW}"]),
+                 session)
+        return [WINDOW * B / (t1 - t0) for (e0, s0, t0), (e1, s1, t1) in zip(session.marks, session.marks[1:])
+                if e0 == e1 and s1 - s0 == WINDOW]  # (windows inside an epoch)
+
+    # interleaved, best window of each: the machine's noise falls on both
+    alone, loop = [], []
+    for _ in range(args.rounds):
+        alone += step_alone(args.windows)
+        loop += real_loop()
+    alone_ips, loop_ips = pct(alone, 0.9), pct(loop, 0.9)
     peak = matmul_flops()
     achieved = flops_per_step * alone_ips / B
     print(f"preset={args.preset} batch={B} tokens={cfg.model.grid ** 2 + 1} threads={torch.get_num_threads()} "
           f"data.num_workers={cfg.data.num_workers}{' compiled' if cfg.pretrain.compile else ''}")
     print(f"model FLOPs per step      {flops_per_step / 1e9:.2f} GFLOP")
-    print(f"images/s step alone       {alone_ips:.1f}   (runs: {', '.join(f'{x:.0f}' for x in alone)})")
-    print(f"images/s real loop        {loop_ips:.1f}")
-    print(f"pipeline ratio            {loop_ips / alone_ips:.3f}")
+    print(f"images/s step alone       {alone_ips:.1f}   (90th percentile of {len(alone)} windows of {WINDOW} steps; "
+          f"best {max(alone):.0f}, median {pct(alone, 0.5):.0f})")
+    print(f"images/s real loop        {loop_ips:.1f}   (90th percentile of {len(loop)} windows; "
+          f"best {max(loop):.0f}, median {pct(loop, 0.5):.0f})")
+    print(f"pipeline ratio            {loop_ips / alone_ips:.3f}   (of the best windows {max(loop) / max(alone):.3f}, "
+          f"of the medians {pct(loop, 0.5) / pct(alone, 0.5):.3f})")
     print(f"data of one batch         {data_ms:.1f} ms (views + masks, in the step's process), "
           f"step {1000 * B / alone_ips:.0f} ms")
     print(f"achieved FLOP/s           {achieved / 1e9:.1f} GFLOP/s")

@@ -67,3 +67,53 @@ def test_every_mask_has_exactly_num_masking_patches(kind, grid, ratio, min_block
         assert (m & ~nb).sum() / m.sum() < 0.01  # (isolated patches: only from blocks of one patch)
     off = create_mask_generator(MaskingConfig(enabled=False), grid)
     assert loss_rows(off, grid * grid) == grid * grid
+
+
+def beit_block_mask(grid, num_masking, min_patches, u, top_up):
+    """BEiT's block masking as its reference code writes it (numpy arrays, a loop of tries per
+    block), reading the same uniforms in the same order (4 per try), then the top-up."""
+    mask = np.zeros((grid, grid), dtype=bool)
+    lo, hi = math.log(0.3), math.log(1 / 0.3)
+    u, count = iter(u), 0
+    while count < num_masking:
+        max_patches, delta = num_masking - count, 0
+        for _ in range(10):
+            a, b, c, d = next(u), next(u), next(u), next(u)
+            target = min_patches + (max_patches - min_patches) * a
+            aspect = math.exp(lo + (hi - lo) * b)
+            h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if w < grid and h < grid:
+                top, left = int(c * (grid - h + 1)), int(d * (grid - w + 1))
+                num_masked = mask[top: top + h, left: left + w].sum()
+                if 0 < h * w - num_masked <= max_patches:
+                    delta = h * w - num_masked
+                    mask[top: top + h, left: left + w] = True
+                    break
+        if delta == 0:
+            break
+        count += delta
+    for t in top_up[: num_masking - count]:
+        near = np.zeros_like(mask)
+        near[1:] |= mask[:-1]; near[:-1] |= mask[1:]; near[:, 1:] |= mask[:, :-1]; near[:, :-1] |= mask[:, 1:]
+        cand = np.flatnonzero(near & ~mask)
+        cand = cand if len(cand) else np.flatnonzero(~mask)
+        mask.flat[cand[int(t * len(cand))]] = True
+    return mask.reshape(-1)
+
+
+@pytest.mark.parametrize("grid,ratio,min_block", [(14, 75 / 196, 16), (4, 0.4, 2), (14, 0.6, 4)])
+def test_block_masks_equal_beits_algorithm_on_the_same_draws(grid, ratio, min_block, monkeypatch):
+    """The bitmask implementation is BEiT's algorithm: the same masks as the array version above,
+    draw for draw; and the same again when every image's tries and top-up run past the draws made
+    for the whole batch (FIRST_DRAW = 2), so that the image draws the rest of its own stream."""
+    from conmim.data import rng as crng
+    from conmim.data.masking import BlockMasking
+    gen = create_mask_generator(MaskingConfig(type="block", ratio=ratio, min_block_patches=min_block), grid)
+    idx = np.arange(200)
+    ours = masks_for(gen, 5, 1, idx).numpy()
+    u = crng.uniforms(5, 1, idx, crng.MASK, 4000)
+    t = crng.uniforms(5, 1, idx, crng.MASK_TOP_UP, gen.num_masking)
+    ref = np.stack([beit_block_mask(grid, gen.num_masking, gen.min_patches, u[i], t[i]) for i in idx])
+    assert (ours == ref).all()
+    monkeypatch.setattr(BlockMasking, "FIRST_DRAW", 2)
+    assert (masks_for(gen, 5, 1, idx).numpy() == ref).all()

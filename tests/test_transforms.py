@@ -129,3 +129,61 @@ def test_hue_shift_equals_torchvisions():
     ours = _adjust_hue(x, shifts)
     for i in range(6):
         torch.testing.assert_close(ours[i], adjust_hue(x[i], float(shifts[i])), rtol=0, atol=2e-6)
+
+
+def test_blur_equals_a_reflect_padded_separable_convolution():
+    """The blur as matrix products equals the grouped convolution of each image with its own
+    Gaussian on reflect-padded pixels, square and not."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    for H, W in ((28, 28), (17, 23)):
+        x = torch.rand(5, 3, H, W, generator=g, dtype=torch.float64)
+        sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0], dtype=torch.float64)
+        radius = min(6, (min(H, W) - 1) // 2)
+        t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)
+        y = F.pad(x.reshape(1, 15, H, W), (radius,) * 4, mode="reflect")
+        y = F.conv2d(F.conv2d(y, k.view(15, 1, 1, -1), groups=15), k.view(15, 1, -1, 1), groups=15)
+        torch.testing.assert_close(_gaussian_blur(x, sigma, 2.0), y.view(5, 3, H, W), rtol=0, atol=1e-12)
+
+
+def grid_sample_crop(x, boxes, flip, size):
+    """The crop as an affine grid sampled bicubically with border padding (the implementation
+    before the matrix form)."""
+    import torch.nn.functional as F
+    B, _, H, W = x.shape
+    top, left, h, w = boxes.to(x.dtype).unbind(1)
+    theta = torch.zeros(B, 2, 3, dtype=x.dtype)
+    theta[:, 0, 0] = w / W * (1.0 - 2.0 * flip.to(x.dtype))
+    theta[:, 0, 2] = (left + w / 2) / W * 2 - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = (top + h / 2) / H * 2 - 1
+    grid = F.affine_grid(theta, [B, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+
+
+@pytest.mark.parametrize("H,W,size", [(28, 28, 28), (32, 40, 24), (20, 20, 56)])
+def test_resized_crop_equals_grid_sample(H, W, size):
+    """Down- and upscaling, flipped and not, crops touching the border: the matrix form computes
+    grid_sample's bicubic values to float rounding."""
+    from conmim.data import rng as crng
+    from conmim.data.geometry import GEOMETRY_UNIFORMS, flip_and_boxes
+    x = torch.rand(64, 3, H, W, generator=torch.Generator().manual_seed(1))
+    b, f = flip_and_boxes(crng.uniforms(0, 0, np.arange(64), 0, GEOMETRY_UNIFORMS), H, W, (0.08, 1), (3 / 4, 4 / 3), 0.5)
+    b, f = torch.from_numpy(b).float(), torch.from_numpy(f)
+    assert 0 < f.sum() < 64 and ((b[:, 0] == 0) | (b[:, 1] == 0)).any()
+    torch.testing.assert_close(resized_crop(x, b, f, size), grid_sample_crop(x, b, f, size), rtol=0, atol=2e-5)
+
+
+def test_blurring_only_the_chosen_images_equals_blurring_all_and_keeping_them():
+    """The CPU blurs the subset that draws the blur; a GPU blurs every image and keeps the chosen
+    ones (no data-dependent shape). Same views either way."""
+    from conmim.data.photometric import _blur_chosen
+    x = torch.rand(32, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    chosen = torch.arange(32) % 3 == 0
+    sigma = torch.linspace(0.1, 2.0, 32)
+    a, b = _blur_chosen(x, chosen, sigma, 2.0, subset=True), _blur_chosen(x, chosen, sigma, 2.0, subset=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert torch.equal(a[~chosen], x[~chosen]) and not torch.allclose(a[chosen], x[chosen])
+    assert torch.equal(_blur_chosen(x, torch.zeros(32, dtype=torch.bool), sigma, 2.0, subset=True), x)

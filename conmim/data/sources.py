@@ -65,14 +65,16 @@ class ImageSet:
             x = self.pixels[torch.as_tensor(index)]
             return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         imgs = [_open(self.files[i]) for i in index]
-        out = crop(imgs, index) if crop is not None else [_center(im.convert("RGB"), size) for im in imgs]
-        return torch.stack([_pil_to_uint8(im) for im in out])
+        if crop is not None:
+            return torch.stack(crop(imgs, index))
+        return torch.stack([_pil_to_uint8(_center(im.convert("RGB"), size)) for im in imgs])
 
 
 def _open(item):
-    """The image opened (its header read), not yet decoded."""
+    """The image opened (its header read), not yet decoded. A file is read whole first: PIL's
+    decoder reading it in chunks from disk cost ~0.3 ms more per 500x375 JPEG."""
     from PIL import Image
-    return Image.open(io.BytesIO(item)) if isinstance(item, (bytes, bytearray)) else Image.open(item)
+    return Image.open(io.BytesIO(item if isinstance(item, (bytes, bytearray)) else Path(item).read_bytes()))
 
 
 def _decode(item):
