@@ -104,8 +104,8 @@ def beit_block_mask(grid, num_masking, min_patches, u, top_up):
 @pytest.mark.parametrize("grid,ratio,min_block", [(14, 75 / 196, 16), (4, 0.4, 2), (14, 0.6, 4)])
 def test_block_masks_equal_beits_algorithm_on_the_same_draws(grid, ratio, min_block, monkeypatch):
     """The bitmask implementation is BEiT's algorithm: the same masks as the array version above,
-    draw for draw; and the same again when every image's tries and top-up run past the draws made
-    for the whole batch (FIRST_DRAW = 2), so that the image draws the rest of its own stream."""
+    draw for draw; and the same again when every image's tries run past the first draws
+    (FIRST_DRAW = 1), so that the images are drawn for again, with more of their streams."""
     from conmim.data import rng as crng
     from conmim.data.masking import BlockMasking
     gen = create_mask_generator(MaskingConfig(type="block", ratio=ratio, min_block_patches=min_block), grid)
@@ -115,5 +115,5 @@ def test_block_masks_equal_beits_algorithm_on_the_same_draws(grid, ratio, min_bl
     t = crng.uniforms(5, 1, idx, crng.MASK_TOP_UP, gen.num_masking)
     ref = np.stack([beit_block_mask(grid, gen.num_masking, gen.min_patches, u[i], t[i]) for i in idx])
     assert (ours == ref).all()
-    monkeypatch.setattr(BlockMasking, "FIRST_DRAW", 2)
+    monkeypatch.setattr(BlockMasking, "FIRST_DRAW", 1)
     assert (masks_for(gen, 5, 1, idx).numpy() == ref).all()
