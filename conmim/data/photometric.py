@@ -32,24 +32,24 @@ def _select(chosen: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """RGB -> HSV -> shift H -> RGB, per image shift: torchvision's maths in fewer passes over the
-    batch. H in sixths is (offset of the max channel) + (difference of the other two) / chroma, and
-    the HSV -> RGB step is its closed form: channel n of (R, G, B) = (5, 3, 1) is
-    max - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6 (V S = chroma). Which channel
-    holds the max is a 0/1 weight (ties to R, then G: torchvision's order), not a bool mask: on the
-    CPU, ops on bool tensors cost several float ops each."""
+    batch. H in sixths is (offset of the max channel) + (difference of the other two) / chroma;
+    back to RGB, each channel is min + chroma x a triangle wave of H (R: clamp(|H - 3| - 1, 0, 1),
+    G: clamp(2 - |H - 2|, 0, 1), B: clamp(2 - |H - 4|, 0, 1)). Which channel holds the max is a 0/1
+    weight (ties to R, then G: torchvision's order), not a bool mask: on the CPU, ops on bool
+    tensors cost several float ops each."""
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    maxc = x.amax(1, keepdim=True)
-    chroma = maxc - x.amin(1, keepdim=True)
+    maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    chroma = maxc - minc
     is_r = 1 - torch.sign(maxc - r)
     is_g = (1 - is_r) * (1 - torch.sign(maxc - g))
     is_b = 1 - is_r - is_g
-    # (grey: chroma 0 and every difference 0, so h6 = 0 as in torchvision)
+    # (grey: chroma 0 and every difference 0, so the hue is 0 as in torchvision)
     h6 = (is_r * (g - b) + is_g * (b - r) + is_b * (r - g)) / chroma.clamp_min(torch.finfo(x.dtype).tiny) \
-        + 2 * is_g + 4 * is_b
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    k = n + (h6 + 6 * shift.view(-1, 1, 1, 1))
-    k = k - 6 * torch.floor(k / 6)  # mod 6 (torch.remainder is ~3x slower on the CPU)
-    return maxc - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
+        + 2 * is_g + 4 * is_b + 6 * shift.view(-1, 1, 1, 1)
+    h6 = h6 - 6 * torch.floor(h6 / 6)  # mod 6 (torch.remainder is ~3x slower on the CPU)
+    centre, sign, offset = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                            for v in ((3.0, 2.0, 4.0), (1.0, -1.0, -1.0), (-1.0, 2.0, 2.0)))
+    return torch.addcmul(minc, chroma, torch.addcmul(offset, sign, (h6 - centre).abs()).clamp_(0, 1))
 
 
 def _blur_matrix(kernel: torch.Tensor, n: int) -> torch.Tensor:

@@ -32,12 +32,15 @@ PERTURBATIONS = {
 
 
 class Normalize:
+    """(x - mean) / std, as x * (1 / std) - mean / std: one pass over the batch instead of two."""
+
     def __init__(self, mean, std):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.scale, self.shift = 1 / self.std, -self.mean / self.std
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x)) / self.std.to(x)
+        return torch.addcmul(self.shift.to(x), x, self.scale.to(x))
 
 
 class ViewParams(NamedTuple):
