@@ -174,16 +174,3 @@ def test_resized_crop_equals_grid_sample(H, W, size):
     b, f = torch.from_numpy(b).float(), torch.from_numpy(f)
     assert 0 < f.sum() < 64 and ((b[:, 0] == 0) | (b[:, 1] == 0)).any()
     torch.testing.assert_close(resized_crop(x, b, f, size), grid_sample_crop(x, b, f, size), rtol=0, atol=2e-5)
-
-
-def test_blurring_only_the_chosen_images_equals_blurring_all_and_keeping_them():
-    """The CPU blurs the subset that draws the blur; a GPU blurs every image and keeps the chosen
-    ones (no data-dependent shape). Same views either way."""
-    from conmim.data.photometric import _blur_chosen
-    x = torch.rand(32, 3, 28, 28, generator=torch.Generator().manual_seed(2))
-    chosen = torch.arange(32) % 3 == 0
-    sigma = torch.linspace(0.1, 2.0, 32)
-    a, b = _blur_chosen(x, chosen, sigma, 2.0, subset=True), _blur_chosen(x, chosen, sigma, 2.0, subset=False)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert torch.equal(a[~chosen], x[~chosen]) and not torch.allclose(a[chosen], x[chosen])
-    assert torch.equal(_blur_chosen(x, torch.zeros(32, dtype=torch.bool), sigma, 2.0, subset=True), x)

@@ -77,17 +77,6 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> to
     return separable(rows, x, rows if W == H else _blur_matrix(k, W))
 
 
-def _blur_chosen(x: torch.Tensor, chosen: torch.Tensor, sigma: torch.Tensor, max_sigma: float,
-                 subset: bool) -> torch.Tensor:
-    """The blur of the images ``chosen`` draws (p = 0.1). ``subset`` (the CPU, where a data-dependent
-    shape costs nothing): only those images are blurred; else (a GPU) every image is, and the
-    chosen ones are kept, so that nothing waits for the host to count them."""
-    if not subset:
-        return _select(chosen, _gaussian_blur(x, sigma, max_sigma), x)
-    idx = chosen.nonzero().squeeze(1)
-    return x.index_copy(0, idx, _gaussian_blur(x[idx], sigma[idx], max_sigma)) if len(idx) else x
-
-
 @dataclass
 class StrongPerturbation:
     """The strong view's photometric ops, with per-image parameters from uniforms [B, 10]."""
@@ -126,6 +115,8 @@ class StrongPerturbation:
         x = _select(t[:, 5] < self.grayscale_p, _gray(x), x)
         if self.blur_p > 0:
             lo, hi = self.blur_sigma
-            x = _blur_chosen(x, t[:, 6] < self.blur_p, lo + (hi - lo) * t[:, 7], hi, subset=x.device.type == "cpu")
+            # (every image, the chosen kept: blurring only those gave float32 round-off that depended on
+            # how many were chosen, so on the worker layout; tests/test_accumulate.py caught it)
+            x = _select(t[:, 6] < self.blur_p, _gaussian_blur(x, lo + (hi - lo) * t[:, 7], hi), x)
         # solarize: 1 - x where x >= 0.5, which is min(x, 1 - x)
         return _select(t[:, 8] < self.solarize_p, torch.minimum(x, 1 - x), x)
