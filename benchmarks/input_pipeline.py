@@ -11,6 +11,7 @@ PIL; the views made on the CPU too), and says how many workers a GPU at a given 
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 import tempfile
@@ -107,10 +108,16 @@ def measure(root: Path, batch: int, views_too: bool = True) -> dict:
     def masks_only(ep, index):
         masks_for(maskgen, cfg.seed, ep, index)
 
+    def decode_only(ep, index):  # the floor: reading and decoding the files, nothing else
+        from PIL import Image
+        for i in index:
+            Image.open(io.BytesIO(Path(train.files[i]).read_bytes())).load()
+
     kinds = {"draft": loader_side(True), "full": loader_side(False), "masks": masks_only}
     if views_too:
         kinds["views_on_cpu"] = loader_side(True, views_on_cpu=True)
         kinds["pil_crop"] = loader_side(False, pil=True)
+        kinds["decode"] = decode_only
     rates: dict = {}
     for _ in range(2):  # interleaved, best of two: this machine is noisy
         for name, make in kinds.items():
@@ -140,6 +147,8 @@ def main() -> None:
           f"(now / before {r['draft'] / r['views_on_cpu']:.1f}x)")
     print(f"500x375, the crop resampled by PIL (before): {r['pil_crop']:.1f} images/s "
           f"(now, draft off / before {r['full'] / r['pil_crop']:.2f}x)")
+    print(f"500x375, reading + decoding alone (the floor): {r['decode']:.1f} images/s "
+          f"(the loader's work, draft off, is {r['decode'] / r['full']:.2f}x the decoding's time)")
     print(f"block masks alone: {r['masks']:.0f} images/s")
     for name, x in rates.items():
         print(f"workers for a GPU at {a.gpu_images_per_s:.0f} images/s on {name} JPEGs: "

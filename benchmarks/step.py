@@ -8,8 +8,10 @@ time one batch's data takes in the step's own process; peak RSS.
 
 Both speeds are timed over windows of 10 steps, in interleaved rounds (step alone, real loop, x3),
 and each is the 90th percentile of its windows: this VM's speed swings by 20-30 % within a minute,
-which that percentile leaves out and a single timing of each would put into the ratio (the best
-window, an extreme of ~100 samples, moved the ratio by +-4 % between runs of the same code).
+which that percentile leaves out and a single timing of each would put into the ratio. Even so it
+moves by several per cent between runs of the same code, so a steadier figure comes with it: the
+paired ratio, adjacent windows of the step fed with batches made as pretrain() makes them (in the
+step's process) and of the step alone, whose drift cancels pair by pair (median of the pairs).
 
     python benchmarks/step.py [--set key=value ...] [--windows N] [--epochs N] [--compile]
 """
@@ -130,11 +132,29 @@ def main():
         return [WINDOW * B / (t1 - t0) for (e0, s0, t0), (e1, s1, t1) in zip(session.marks, session.marks[1:])
                 if e0 == e1 and s1 - s0 == WINDOW]  # (windows inside an epoch)
 
-    # interleaved, best window of each: the machine's noise falls on both
-    alone, loop = [], []
+    def paired(pairs: int) -> list[float]:
+        """Windows of the step fed as pretrain() feeds it (each batch made in this process: pixels,
+        view parameters, masks, the two views) alternating with windows of the step alone: the
+        ratio of each adjacent pair, so that the machine's drift cancels."""
+        fed = iter(batches * (1 + pairs * WINDOW // len(batches)))
+        ratios = []
+        for _ in range(pairs):
+            t = time.perf_counter()
+            for i in range(WINDOW):
+                step(*premade[i % 4])
+            t_alone = time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(WINDOW):
+                step(*real_batch(*next(fed)))
+            ratios.append(t_alone / (time.perf_counter() - t))
+        return ratios
+
+    # interleaved: the machine's noise falls on both
+    alone, loop, pairs = [], [], []
     for _ in range(args.rounds):
         alone += step_alone(args.windows)
         loop += real_loop()
+        pairs += paired(args.windows)
     alone_ips, loop_ips = pct(alone, 0.9), pct(loop, 0.9)
     peak = matmul_flops()
     achieved = flops_per_step * alone_ips / B
@@ -147,6 +167,8 @@ def main():
           f"best {max(loop):.0f}, median {pct(loop, 0.5):.0f})")
     print(f"pipeline ratio            {loop_ips / alone_ips:.3f}   (of the best windows {max(loop) / max(alone):.3f}, "
           f"of the medians {pct(loop, 0.5) / pct(alone, 0.5):.3f})")
+    print(f"paired ratio              {pct(pairs, 0.5):.3f}   (median of {len(pairs)} adjacent pairs of windows, fed / alone; "
+          f"quartiles {pct(pairs, 0.25):.3f}-{pct(pairs, 0.75):.3f})")
     print(f"data of one batch         {data_ms:.1f} ms (views + masks, in the step's process), "
           f"step {1000 * B / alone_ips:.0f} ms")
     print(f"achieved FLOP/s           {achieved / 1e9:.1f} GFLOP/s")
