@@ -28,8 +28,9 @@ class BlockMasking:
 
     BEiT's algorithm, tries and all; each try reads 4 uniforms of the image's stream (size, aspect,
     top, left). A mask is a Python int of grid*grid bits and a block a shifted run of bits, so a
-    try costs a few integer operations: ~5x less than the same algorithm on numpy arrays with a
-    numpy Generator per image (`benchmarks/input_pipeline.py`, "block masks alone")."""
+    try costs a few integer operations: 3x (BEiT's 14x14) to 4x (tiny's 4x4) cheaper than the same
+    algorithm on numpy arrays with a numpy Generator per image (`benchmarks/input_pipeline.py`,
+    "block masks alone", and benchmarks/README.md)."""
 
     TRIES_PER_BLOCK = 10
     FIRST_DRAW = 12  # tries drawn per image at first (4x4 at 6: 3 on average; 14x14 at 75: 11); 4x more for those needing more
