@@ -129,11 +129,11 @@ class PerImageCrop:
     def __call__(self, imgs, index) -> list[torch.Tensor]:
         """``imgs``: opened (not yet decoded) PIL images -> uint8 [3, size, size] tensors."""
         u = crng.uniforms(self.seed, self.epoch, index, self.stream, GEOMETRY_UNIFORMS)
-        W, H = np.array([im.size for im in imgs], dtype=np.float64).T  # (from the headers: nothing decoded yet)
-        boxes = crop_boxes(u, H, W, self.scale, self.ratio).tolist()
+        sizes = [im.size for im in imgs]  # (from the headers: nothing decoded yet)
+        widths, heights = np.array(sizes, dtype=np.float64).T
+        boxes = crop_boxes(u, heights, widths, self.scale, self.ratio).tolist()
         out = []
-        for im, (top, left, h, w), flip in zip(imgs, boxes, u[:, -1] < self.flip_p):
-            W, H = im.size
+        for im, (W, H), (top, left, h, w), flip in zip(imgs, sizes, boxes, u[:, -1] < self.flip_p):
             if flip:  # the box was drawn in the flipped image: the same pixels of the unflipped one
                 left = W - left - w
             if self.draft and im.format == "JPEG":
