@@ -6,14 +6,17 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conmim.config import load_config
 from conmim.data.sources import load_splits
-from conmim.method.vit import Classifier, param_groups
+from conmim.method.vit import Classifier, embed_patches, param_groups
 from conmim.train.build import build_encoder
 from conmim.train.checkpoint import resumable
 from conmim.train.finetune import finetune
@@ -150,7 +153,27 @@ def test_beit_tokens_are_timms_forward_features_ending_in_layernorm(preset):
         ours, theirs = m(x), m.vit.forward_features(x)
     assert isinstance(m.vit.norm, nn.LayerNorm) and isinstance(last[-1], nn.LayerNorm)
     assert last[-1] is m.vit.norm
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # (not bit for bit: the patches are embedded by a matrix product, timm's by a convolution)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "vit-b16-imagenet"])
+def test_patches_are_embedded_as_timms_patch_embed_does(preset):
+    """embed_patches (one matrix product over each patch's pixels) computes timm's PatchEmbed
+    convolution: tokens, and the gradient of the projection, for a batch of the preset's images."""
+    cfg = load_config(preset, ["data.root=/nonexistent"], check_paths=False)
+    torch.manual_seed(0)
+    pe = build_encoder(cfg).vit.patch_embed
+    x = torch.rand(4, 3, cfg.model.img_size, cfg.model.img_size)
+    ours, theirs = embed_patches(pe, x), pe(x)
+    assert ours.shape == theirs.shape == (4, cfg.model.grid ** 2, pe.proj.out_channels)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ours)
+    gw_ours, = torch.autograd.grad(ours, pe.proj.weight, g)
+    gw_theirs, = torch.autograd.grad(theirs, pe.proj.weight, g)
+    torch.testing.assert_close(gw_ours, gw_theirs, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="built for"):
+        embed_patches(pe, x[:, :, :-pe.patch_size[0]])
 
 
 def test_beit_finetuning_unties_the_shared_relative_position_bias(tmp_path):
@@ -287,3 +310,127 @@ def test_gpu_step_script_runs_on_the_cpu():
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     ratio = float(next(l for l in p.stdout.splitlines() if l.startswith("real / alone")).split()[-1])
     assert ratio > 0 and "step alone" in p.stdout and "MFU" in p.stdout  # (a ratio of a few steps is noise)
+
+
+class HostCopies(TorchDispatchMode):
+    """Records every copy of a host tensor onto the ``meta`` device, the accelerator's stand-in on a
+    CPU: on a GPU such a copy (``t.to(x)``, ``torch.tensor(..., device=x.device)``) makes the host
+    wait for every queued kernel, so the loop could no longer run ahead of the device.
+    (``torch.tensor``/``torch.as_tensor`` with a device build on the host below the dispatcher's
+    view, so they are watched by name.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        from_host = [t for t in ins if t.device.type == "cpu" and (t.dim() > 0 or func in _COPIES)]
+        if from_host and any(t.device.type == "meta" for t in outs):
+            self.copies.append(str(func))
+        return out
+
+    WATCHED = ((torch, "tensor"), (torch, "as_tensor"), (torch.Tensor, "new_tensor"))
+
+    def _watch(self, owner, name):
+        made = getattr(owner, name)
+
+        def watched(*args, **kwargs):
+            out = made(*args, **kwargs)
+            data = args[1 if owner is torch.Tensor else 0]
+            on_device = isinstance(data, torch.Tensor) and data.device == out.device
+            if out.device.type == "meta" and not on_device:
+                self.copies.append(f"{owner.__name__}.{name}")
+            return out
+        return watched
+
+    def __enter__(self):
+        self._made = [(owner, name, getattr(owner, name)) for owner, name in self.WATCHED]
+        for owner, name, _ in self._made:
+            setattr(owner, name, self._watch(owner, name))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for owner, name, made in self._made:
+            setattr(owner, name, made)
+        return super().__exit__(*exc)
+
+
+_COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+
+
+@pytest.mark.parametrize("mode", ["asymmetric", "symmetric_strong"])
+@pytest.mark.parametrize("geometry", [True, False])
+def test_views_copy_nothing_from_the_host_after_the_first_batch(mode, geometry, monkeypatch):
+    """The views made on the device from a batch already there (pixels and parameters copied by
+    the loader): after the first batch, which copies the few constants once, not one tensor
+    comes from the host, for the crop (fixed-size sources) and the strong view's every op."""
+    from conmim.config.experiment import AugmentConfig
+    from conmim.data import constants
+    from conmim.data.transforms import TwoViewTransform
+    monkeypatch.setattr(constants, "_ON_DEVICE", {})  # (as in a fresh process)
+    tf = TwoViewTransform(AugmentConfig(blur_p=0.5), mode, 24, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), seed=1,
+                          geometry=geometry)
+    x = torch.randint(0, 256, (4, 3, 32, 32) if geometry else (4, 3, 24, 24), dtype=torch.uint8)
+    params = tf.params(0, np.arange(4), x.shape[2], x.shape[3])
+    on_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731  (the loader's copy)
+    x, params = x.to("meta"), type(params)(*map(on_meta, params))
+    first, later = HostCopies(), HostCopies()
+    with first:
+        tf.views(x, params)
+    with later:
+        masked, full = tf.views(x, params)
+    assert masked.device.type == full.device.type == "meta" and masked.shape == (4, 3, 24, 24)
+    assert first.copies, "the check sees nothing: the first batch copies the constants"
+    assert later.copies == [], later.copies
+
+
+@pytest.mark.parametrize("sync_bn", [False, True])
+def test_the_pretraining_step_copies_nothing_from_the_host(sync_bn):
+    """The step as pretrain() takes it (forward of both encoders and the loss under autocast,
+    backward, clipping, AdamW, the momentum update) on tensors already on the device: from the
+    second step on, nothing comes from the host (a one-rank group: the global batch norm's
+    all-reduce runs too)."""
+    from conmim.method.vit import param_groups
+    from conmim.train.build import adamw, build_conmim
+    cfg = load_config("tiny", ["data.root=/nonexistent", f"pretrain.sync_bn={str(sync_bn).lower()}"],
+                      check_paths=False)
+    torch.manual_seed(0)
+    net = build_conmim(cfg).to("meta")
+    opt = adamw(param_groups(net.online, 0.05), 1e-3, "meta")
+    B, S, P = 4, cfg.model.img_size, cfg.model.grid ** 2
+    xo, xt = torch.randn(B, 3, S, S, device="meta"), torch.randn(B, 3, S, S, device="meta")
+    mask = torch.zeros(B, P, dtype=torch.bool, device="meta")
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # (autocast's casts, as on a GPU)
+            loss_sum, spread = net(xo, xt, mask, mask)
+        (loss_sum / (B * P)).backward()
+        nn.utils.clip_grad_norm_(net.online.parameters(), 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        net.update_momentum(0.99)
+        return torch.stack([loss_sum.detach().double(), spread.detach().double()])
+
+    step()
+    with HostCopies() as seen:
+        totals = step()
+    assert totals.device.type == "meta"
+    assert seen.copies == [], seen.copies
+
+
+def test_host_copies_sees_each_way_of_copying_to_the_device():
+    """The check above catches what it is for: each way a host constant reaches the device."""
+    x = torch.zeros(3, device="meta")
+    for copy in (lambda: torch.tensor([1.0, 2.0, 3.0]).to(x), lambda: torch.tensor([1.0, 2.0], device=x.device),
+                 lambda: torch.as_tensor(np.ones(3), device=x.device), lambda: x.new_tensor([3.0]),
+                 lambda: torch.tensor(2.0).to(x.device)):
+        with HostCopies() as seen:
+            copy()
+        assert seen.copies, copy
+    with HostCopies() as seen:
+        x * 2 + torch.as_tensor(x, device=x.device)  # (a scalar and a tensor already there: no copy)
+    assert seen.copies == []

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conmim.data import rng as crng
+from conmim.data.constants import like
 
 CROP_TRIES = 10
 GEOMETRY_UNIFORMS = 2 * CROP_TRIES + 3  # crop tries (area, ratio), top, left, flip
@@ -74,7 +75,7 @@ def _resampling_matrix(start: torch.Tensor, length: torch.Tensor, flip, n_in: in
     src = start[:, None] + pos - 0.5
     base = src.floor()
     t = (src - base).unsqueeze(-1)
-    weights = torch.cat([torch.ones_like(t), t, t * t, t * t * t], -1) @ CUBIC.to(t)       # [B, size, 4]
+    weights = torch.cat([torch.ones_like(t), t, t * t, t * t * t], -1) @ like(CUBIC, t)       # [B, size, 4]
     taps = (base.unsqueeze(-1) + torch.arange(-1, 3, dtype=src.dtype, device=src.device)).clamp_(0, n_in - 1)
     return torch.zeros(*src.shape, n_in, dtype=src.dtype, device=src.device).scatter_add_(2, taps.long(), weights)
 

@@ -9,14 +9,18 @@ from dataclasses import dataclass
 
 import torch
 
+from conmim.data.constants import like
 from conmim.data.geometry import separable
 
 
 GRAY = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601 luma, as torchvision
+# the triangle waves of HSV -> RGB per channel: clamp(offset + sign * |H - centre|, 0, 1)
+HUE_CENTRE, HUE_SIGN, HUE_OFFSET = (torch.tensor(v).view(1, 3, 1, 1)
+                                    for v in ((3.0, 2.0, 4.0), (1.0, -1.0, -1.0), (-1.0, 2.0, 2.0)))
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (x * GRAY.to(x)).sum(1, keepdim=True)
+    return (x * like(GRAY, x)).sum(1, keepdim=True)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -47,8 +51,7 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h6 = (is_r * (g - b) + is_g * (b - r) + is_b * (r - g)) / chroma.clamp_min(torch.finfo(x.dtype).tiny) \
         + 2 * is_g + 4 * is_b + 6 * shift.view(-1, 1, 1, 1)
     h6 = h6 - 6 * torch.floor(h6 / 6)  # mod 6 (torch.remainder is ~3x slower on the CPU)
-    centre, sign, offset = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-                            for v in ((3.0, 2.0, 4.0), (1.0, -1.0, -1.0), (-1.0, 2.0, 2.0)))
+    centre, sign, offset = (like(c, x) for c in (HUE_CENTRE, HUE_SIGN, HUE_OFFSET))
     return torch.addcmul(minc, chroma, torch.addcmul(offset, sign, (h6 - centre).abs()).clamp_(0, 1))
 
 
@@ -106,7 +109,7 @@ class StrongPerturbation:
             y = (f(1, self.brightness).view(-1, 1, 1, 1) * y).clamp_(0, 1)
         if self.contrast:
             # (towards the mean grey level: the luma weights of the channel means)
-            y = _blend(y, (y.mean((2, 3), keepdim=True) * GRAY.to(y)).sum(1, keepdim=True), f(2, self.contrast))
+            y = _blend(y, (y.mean((2, 3), keepdim=True) * like(GRAY, y)).sum(1, keepdim=True), f(2, self.contrast))
         if self.saturation:
             y = _blend(y, _gray(y), f(3, self.saturation))
         if self.hue:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from conmim.data import rng as crng
+from conmim.data.constants import like
 from conmim.data.geometry import GEOMETRY_UNIFORMS, flip_and_boxes, resized_crop
 from conmim.data.photometric import StrongPerturbation
 
@@ -40,7 +41,7 @@ class Normalize:
         self.scale, self.shift = 1 / self.std, -self.mean / self.std
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift.to(x), x, self.scale.to(x))
+        return torch.addcmul(like(self.shift, x), x, like(self.scale, x))
 
 
 class ViewParams(NamedTuple):

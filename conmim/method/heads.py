@@ -19,7 +19,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         import torch.distributed as dist
         C = x.shape[1]
         xd = x.double()
-        stats = torch.cat([xd.sum(0), (xd * xd).sum(0), xd.new_tensor([float(x.shape[0])])])
+        stats = torch.cat([xd.sum(0), (xd * xd).sum(0), xd.new_full((1,), float(x.shape[0]))])
         if dist.is_available() and dist.is_initialized():  # (a one-rank group: the GPU check forces collectives)
             from torch.distributed.nn.functional import all_reduce
             stats = all_reduce(stats)

@@ -17,7 +17,7 @@ from conmim.data.transforms import FinetuneTransform
 from conmim.failures import DivergedError
 from conmim.method.vit import Classifier, param_groups
 from conmim.train import checkpoint, schedules
-from conmim.train.build import build_encoder
+from conmim.train.build import adamw, build_encoder
 from conmim.train.evaluate import top1
 from conmim.train.session import Session, micro_batches
 
@@ -51,7 +51,7 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
     encoder.mask_token.requires_grad_(False)
     net = Classifier(encoder, train.num_classes).to(session.device)
     model = session.ddp(net)
-    opt = torch.optim.AdamW(param_groups(net, f.weight_decay, f.layer_decay, encoder), lr=f.lr)
+    opt = adamw(param_groups(net, f.weight_decay, f.layer_decay, encoder), f.lr, session.device)
     steps_per_epoch = len(ShardedBatches(len(train), f.batch_size, 0, 1, cfg.seed, 0))
     if steps_per_epoch == 0 and f.epochs:
         raise ValueError(f"finetune.batch_size={f.batch_size} is larger than the {len(train)} training images")

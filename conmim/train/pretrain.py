@@ -19,7 +19,7 @@ from conmim.data.transforms import TwoViewTransform
 from conmim.failures import DivergedError
 from conmim.method.vit import param_groups
 from conmim.train import checkpoint, faults, schedules
-from conmim.train.build import build_conmim, mask_generator
+from conmim.train.build import adamw, build_conmim, mask_generator
 from conmim.train.evaluate import knn_top1_of
 from conmim.train.session import Session, micro_batches
 
@@ -43,7 +43,7 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     model = ddp = net if manual_sync else session.ddp(net)
     if p.compile:
         model = torch.compile(model)
-    opt = torch.optim.AdamW(param_groups(net.online, p.weight_decay), lr=p.lr, betas=tuple(p.betas))
+    opt = adamw(param_groups(net.online, p.weight_decay), p.lr, session.device, betas=tuple(p.betas))
 
     transform = TwoViewTransform(cfg.augment, cfg.objective.perturbation, cfg.model.img_size,
                                  train.mean, train.std, cfg.seed, geometry=train.fixed_size)
