@@ -24,12 +24,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def write_jpegs(root: Path, n: int, classes: int = 8, size=(500, 375)) -> Path:
-    """ImageNet-like JPEGs (500x375 by default, quality 90): smooth shapes, texture and noise."""
+def write_jpegs(root: Path, n: int, classes: int = 8, size=(500, 375), part: int = 0, parts: int = 1) -> Path:
+    """ImageNet-like JPEGs (500x375 by default, quality 90): smooth shapes, texture and noise.
+    ``part`` of ``parts``: every parts-th image from the part-th (to write in parallel)."""
     from PIL import Image, ImageDraw
-    g = np.random.default_rng(0)
+    g = np.random.default_rng(0 if parts == 1 else (0, part))
     for split, count in (("train", n), ("val", classes)):
-        for i in range(count):
+        for i in range(part, count, parts):
             d = root / split / f"c{i % classes}"
             d.mkdir(parents=True, exist_ok=True)
             yy, xx = np.mgrid[0:size[1], 0:size[0]]
