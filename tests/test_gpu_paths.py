@@ -165,7 +165,9 @@ def test_patches_are_embedded_as_timms_patch_embed_does(preset):
     torch.manual_seed(0)
     pe = build_encoder(cfg).vit.patch_embed
     x = torch.rand(4, 3, cfg.model.img_size, cfg.model.img_size)
-    ours, theirs = embed_patches(pe, x), pe(x)
+    theirs = pe(x)
+    pe.forward = lambda *a: pytest.fail("timm's convolution ran instead of the matrix product")
+    ours = embed_patches(pe, x)
     assert ours.shape == theirs.shape == (4, cfg.model.grid ** 2, pe.proj.out_channels)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ours)
@@ -174,6 +176,15 @@ def test_patches_are_embedded_as_timms_patch_embed_does(preset):
     torch.testing.assert_close(gw_ours, gw_theirs, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="built for"):
         embed_patches(pe, x[:, :, :-pe.patch_size[0]])
+
+
+def test_other_patch_embeddings_keep_timms_forward():
+    """A hybrid ViT's CNN stem is no single matrix product: embed_patches leaves it to timm."""
+    import timm
+    vit = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, num_classes=0, img_size=64)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(embed_patches(vit.patch_embed, x), vit.patch_embed(x), rtol=0, atol=0)
 
 
 def test_beit_finetuning_unties_the_shared_relative_position_bias(tmp_path):

@@ -103,6 +103,11 @@ def embed_patches(pe: nn.Module, x: torch.Tensor) -> torch.Tensor:
     tokens - as what it computes: each patch's pixels times one matrix. The same sum, but on an
     H200 cuDNN ran that 3-channel convolution at ~26 TFLOP/s (1.1 ms of a 39-ms ViT-B step, plus a
     layout change), where the matrix product takes microseconds (benchmarks/README.md)."""
+    proj = getattr(pe, "proj", None)
+    if not (isinstance(pe, timm.layers.PatchEmbed) and isinstance(proj, nn.Conv2d) and pe.flatten
+            and proj.kernel_size == proj.stride == tuple(pe.patch_size) and proj.padding == (0, 0)
+            and not pe.dynamic_img_pad):
+        return pe(x)  # (another embedding, e.g. a hybrid ViT's CNN stem: timm's own forward)
     B, C, H, W = x.shape
     ph, pw = pe.patch_size
     if pe.img_size is not None and (H, W) != tuple(pe.img_size):
