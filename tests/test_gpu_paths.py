@@ -445,3 +445,18 @@ def test_host_copies_sees_each_way_of_copying_to_the_device():
     with HostCopies() as seen:
         x * 2 + torch.as_tensor(x, device=x.device)  # (a scalar and a tensor already there: no copy)
     assert seen.copies == []
+
+
+def test_randaugment_posterizes_to_black_at_its_top_magnitude():
+    """The paper presets' RandAugment ("rand-m9-mstd0.5-inc1") keeps 0 bits when its noisy
+    magnitude hits the cap of 10: a black image, as before Pillow 13, not Pillow 13's ValueError,
+    which killed fine-tuning (seen once in gpu_check's CPU twin, ~2 % of posterize draws)."""
+    from PIL import Image
+    from conmim.train.finetune import _randaug
+    ra = _randaug("rand-m9-mstd0.5-inc1", (0.5, 0.5, 0.5))
+    op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    assert np.asarray(op(img)).max() == 0
+    op.magnitude = 5  # 2 bits kept: 200 = 0b11001000 -> 0b11000000
+    assert np.asarray(op(img)).max() == 192

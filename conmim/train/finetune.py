@@ -24,7 +24,23 @@ from conmim.train.session import Session, micro_batches
 
 def _randaug(spec: str, mean):
     from timm.data.auto_augment import rand_augment_transform
-    return rand_augment_transform(spec, {"translate_const": 100, "img_mean": tuple(int(255 * m) for m in mean)})
+    ra = rand_augment_transform(spec, {"translate_const": 100, "img_mean": tuple(int(255 * m) for m in mean)})
+    for op in ra.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return ra
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, where keeping 0 bits gives black as it did before Pillow 13 (which raises
+    for 0): "rand-m9-mstd0.5-inc1" reaches 0 bits whenever the noisy magnitude hits its cap of 10,
+    about 2 % of the times it posterizes, and the fine-tuning worker died of it."""
+    from PIL import Image, ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None, carry: dict | None = None,
