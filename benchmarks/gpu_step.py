@@ -80,15 +80,18 @@ def step_alone(cfg, dev, steps: int, profile: bool = False):
 
 def print_profile(fn, dev, steps: int = 5, rows: int = 30):
     """Where a step's device time goes: the kernels by total time, and the step's wall vs busy time."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=activities(dev)) as prof:
         for _ in range(steps):
             fn()
         sync(dev)
     ka = prof.key_averages()
     key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(ka.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+
+
+def activities(dev) -> list:
+    from torch.profiler import ProfilerActivity
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
 
 
 def data_alone(cfg, dev, steps: int):
@@ -129,15 +132,13 @@ def real_loop(cfg, dev, profile: bool = False):
     from conmim.train import faults
     from conmim.train.pretrain import pretrain
     from conmim.train.session import LocalSession
-    steps_per_epoch = len(__import__("conmim.data.sources", fromlist=["x"]).load_splits(cfg.data)["train"]) \
-        // cfg.pretrain.batch_size
     prof, stamps, after_step = None, [], faults.after_step
     if profile:
-        from torch.profiler import ProfilerActivity, schedule
+        from conmim.data.sources import load_splits
+        steps_per_epoch = len(load_splits(cfg.data)["train"]) // cfg.pretrain.batch_size
         start = 2 * steps_per_epoch + steps_per_epoch // 3
-        prof = torch.profiler.profile(
-            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else []),
-            schedule=schedule(wait=start, warmup=3, active=10, repeat=1))
+        prof = torch.profiler.profile(activities=activities(dev),
+                                      schedule=torch.profiler.schedule(wait=start, warmup=3, active=10, repeat=1))
 
         def stepped(cfg_, out_dir, rank, step):  # (pretrain's per-step hook: the profiler's clock)
             after_step(cfg_, out_dir, rank, step)

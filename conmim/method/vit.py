@@ -113,7 +113,7 @@ def embed_patches(pe: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if pe.img_size is not None and (H, W) != tuple(pe.img_size):
         raise ValueError(f"input of {H}x{W} pixels, but the model was built for {pe.img_size[0]}x{pe.img_size[1]}")
     x = x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * ph * pw)
-    return pe.norm(F.linear(x, pe.proj.weight.reshape(pe.proj.out_channels, -1), pe.proj.bias))
+    return pe.norm(F.linear(x, proj.weight.reshape(proj.out_channels, -1), proj.bias))
 
 
 class Classifier(nn.Module):
