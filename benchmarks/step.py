@@ -9,9 +9,11 @@ time one batch's data takes in the step's own process; peak RSS.
 Both speeds are timed over windows of 10 steps, in interleaved rounds (step alone, real loop, x3),
 and each is the 90th percentile of its windows: this VM's speed swings by 20-30 % within a minute,
 which that percentile leaves out and a single timing of each would put into the ratio. Even so it
-moves by several per cent between runs of the same code, so a steadier figure comes with it: the
-paired ratio, adjacent windows of the step fed with batches made as pretrain() makes them (in the
-step's process) and of the step alone, whose drift cancels pair by pair (median of the pairs).
+moves by several per cent between runs of the same code, so steadier figures come with it, where
+the drift cancels pair by pair (medians of the pairs): the real loop, paired (each window of
+pretrain() between two windows of the step alone, run at pretrain()'s read-backs), and the paired
+ratio (adjacent windows of the step fed with batches made as pretrain() makes them, in the step's
+process, and of the step alone).
 
     python benchmarks/step.py [--set key=value ...] [--windows N] [--epochs N] [--compile]
 """
@@ -105,32 +107,42 @@ def main():
         real_batch(*b)
     data_ms = (time.perf_counter() - t) / 10 * 1000
 
+    def window_alone() -> float:
+        t = time.perf_counter()
+        for i in range(WINDOW):
+            step(*premade[i % 4])
+        return time.perf_counter() - t
+
     def step_alone(windows: int) -> list[float]:
         for i in range(3):
             step(*premade[i % 4])
-        rates = []
-        for _ in range(windows):
-            t = time.perf_counter()
-            for i in range(WINDOW):
-                step(*premade[i % 4])
-            rates.append(WINDOW * B / (time.perf_counter() - t))
-        return rates
+        return [WINDOW * B / window_alone() for _ in range(windows)]
 
     class Clocked(LocalSession):
-        """Notes the time of each mid-epoch read-back (every WINDOW steps, pretrain.log_every)."""
+        """At each mid-epoch read-back (every WINDOW steps, pretrain.log_every) notes the time and
+        runs a window of the step alone, so that each window of the real loop lies between two of
+        the step alone: the machine's drift cancels in their ratio, as in ``paired``."""
         def log(self, line):
             m = re.match(r"\[pretrain\] epoch (\d+) step (\d+)/", line)
             if m:
-                self.marks.append((int(m[1]), int(m[2]), time.perf_counter()))
+                t_end = time.perf_counter()
+                alone = window_alone()
+                self.marks.append((int(m[1]), int(m[2]), t_end, alone, time.perf_counter()))
 
-    def real_loop() -> list[float]:
+    def real_loop() -> tuple[list[float], list[float]]:
+        """images/s of the real loop's windows, and each window's ratio to the mean of the step
+        alone's windows on either side of it."""
         session = Clocked(Path(tempfile.mkdtemp(prefix="conmim-step-")), "pretrain")
         session.marks = []
         pretrain(load_config(args.preset, sets + [f"pretrain.epochs={args.epochs}", "eval.proxy_every=0",
                                                   "pretrain.checkpoint_every=100", f"pretrain.log_every={WINDOW}"]),
                  session)
-        return [WINDOW * B / (t1 - t0) for (e0, s0, t0), (e1, s1, t1) in zip(session.marks, session.marks[1:])
-                if e0 == e1 and s1 - s0 == WINDOW]  # (windows inside an epoch)
+        speeds, ratios = [], []
+        for (e0, s0, _, alone0, resumed), (e1, s1, t_end, alone1, _) in zip(session.marks, session.marks[1:]):
+            if e0 == e1 and s1 - s0 == WINDOW:  # (windows inside an epoch)
+                speeds.append(WINDOW * B / (t_end - resumed))
+                ratios.append((alone0 + alone1) / 2 / (t_end - resumed))
+        return speeds, ratios
 
     def paired(pairs: int) -> list[float]:
         """Windows of the step fed as pretrain() feeds it (each batch made in this process: pixels,
@@ -139,10 +151,7 @@ def main():
         fed = iter(batches * (1 + pairs * WINDOW // len(batches)))
         ratios = []
         for _ in range(pairs):
-            t = time.perf_counter()
-            for i in range(WINDOW):
-                step(*premade[i % 4])
-            t_alone = time.perf_counter() - t
+            t_alone = window_alone()
             t = time.perf_counter()
             for _ in range(WINDOW):
                 step(*real_batch(*next(fed)))
@@ -150,10 +159,12 @@ def main():
         return ratios
 
     # interleaved: the machine's noise falls on both
-    alone, loop, pairs = [], [], []
+    alone, loop, loop_pairs, pairs = [], [], [], []
     for _ in range(args.rounds):
         alone += step_alone(args.windows)
-        loop += real_loop()
+        speeds, ratios = real_loop()
+        loop += speeds
+        loop_pairs += ratios
         pairs += paired(args.windows)
     alone_ips, loop_ips = pct(alone, 0.9), pct(loop, 0.9)
     peak = matmul_flops()
@@ -167,6 +178,8 @@ def main():
           f"best {max(loop):.0f}, median {pct(loop, 0.5):.0f})")
     print(f"pipeline ratio            {loop_ips / alone_ips:.3f}   (of the best windows {max(loop) / max(alone):.3f}, "
           f"of the medians {pct(loop, 0.5) / pct(alone, 0.5):.3f})")
+    print(f"real loop, paired         {pct(loop_pairs, 0.5):.3f}   (median of {len(loop_pairs)} windows of pretrain(), each over "
+          f"the step alone's windows on either side; quartiles {pct(loop_pairs, 0.25):.3f}-{pct(loop_pairs, 0.75):.3f})")
     print(f"paired ratio              {pct(pairs, 0.5):.3f}   (median of {len(pairs)} adjacent pairs of windows, fed / alone; "
           f"quartiles {pct(pairs, 0.25):.3f}-{pct(pairs, 0.75):.3f})")
     print(f"data of one batch         {data_ms:.1f} ms (views + masks, in the step's process), "

@@ -174,3 +174,28 @@ def test_resized_crop_equals_grid_sample(H, W, size):
     b, f = torch.from_numpy(b).float(), torch.from_numpy(f)
     assert 0 < f.sum() < 64 and ((b[:, 0] == 0) | (b[:, 1] == 0)).any()
     torch.testing.assert_close(resized_crop(x, b, f, size), grid_sample_crop(x, b, f, size), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["asymmetric", "symmetric_basic", "symmetric_strong", "switched"])
+def test_a_grayscale_batch_is_computed_on_its_one_channel(images, mode):
+    """Fashion-MNIST's batches are one channel broadcast to three: the views, the fine-tuning and
+    the evaluation transforms compute on that one channel and equal, bit for bit, what they make of
+    the same batch with its three channels written out (every op is per channel or a luma sum of
+    equal channels; the hue shift of a grey image is the identity)."""
+    from conmim.data.transforms import EvalTransform, FinetuneTransform, to_unit
+    train, idx, x = images
+    assert x.stride(1) == 0 and to_unit(x).shape[1] == 1  # (else this test compares a path with itself)
+    written_out = x.contiguous()
+    assert to_unit(written_out).shape[1] == 3
+    every_op = AugmentConfig(jitter_p=1.0, grayscale_p=0.5, blur_p=0.5, solarize_p=0.5)
+    for augment in (AugmentConfig(), every_op):
+        tf = TwoViewTransform(augment, mode, 28, train.mean, train.std, seed=3)
+        for epoch in range(3):
+            for got, want in zip(tf(x, epoch, idx), tf(written_out, epoch, idx)):
+                assert got.shape == want.shape == (64, 3, 28, 28) and got.is_contiguous()
+                assert torch.equal(got, want)
+    ft = FinetuneTransform(28, train.mean, train.std, seed=3, scale=(0.35, 1.0))
+    assert torch.equal(ft(x, 1, idx), ft(written_out, 1, idx))
+    for size in (28, 32):
+        ev = EvalTransform(size, train.mean, train.std)
+        assert torch.equal(ev(x), ev(written_out))

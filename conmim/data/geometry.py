@@ -105,7 +105,8 @@ def separable(rows: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> torch.
     each image's channels, as two batched matrix products (a broadcast ``@`` over the channels
     took 1-5x longer on the CPU, erratically)."""
     B, C, H, W = x.shape
-    rows, cols = rows.repeat_interleave(C, 0), cols.repeat_interleave(C, 0)
+    if C > 1:
+        rows, cols = rows.repeat_interleave(C, 0), cols.repeat_interleave(C, 0)
     return torch.bmm(torch.bmm(rows, x.reshape(B * C, H, W)), cols.transpose(1, 2)).view(B, C, rows.shape[1], -1)
 
 

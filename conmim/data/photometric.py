@@ -101,7 +101,9 @@ class StrongPerturbation:
 
     def __call__(self, x: torch.Tensor, u) -> torch.Tensor:
         """Every op is computed for the whole batch and kept where the image's draw selects it
-        (``_select``): no data-dependent shape, so on a GPU nothing waits for the host."""
+        (``_select``): no data-dependent shape, so on a GPU nothing waits for the host. ``x`` with
+        one channel stands for a grey batch's three equal ones (:func:`conmim.data.transforms.to_unit`):
+        the luma sums broadcast it back to three, as the same sums of the same values."""
         t = torch.as_tensor(u, device=x.device).to(x.dtype)
         f = lambda col, s: 1 - s + 2 * s * t[:, col]  # noqa: E731  factor in [1-s, 1+s]
         y = x
@@ -112,7 +114,7 @@ class StrongPerturbation:
             y = _blend(y, (y.mean((2, 3), keepdim=True) * like(GRAY, y)).sum(1, keepdim=True), f(2, self.contrast))
         if self.saturation:
             y = _blend(y, _gray(y), f(3, self.saturation))
-        if self.hue:
+        if self.hue and x.shape[1] > 1:  # (a grey image's hue shift is the identity, exactly: chroma 0)
             y = _adjust_hue(y, (2 * t[:, 4] - 1) * self.hue)
         x = _select(t[:, 0] < self.jitter_p, y, x)
         x = _select(t[:, 5] < self.grayscale_p, _gray(x), x)

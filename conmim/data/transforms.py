@@ -32,8 +32,19 @@ PERTURBATIONS = {
 }
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float in [0, 1]. A grayscale source's batch is one channel broadcast to
+    three (stride 0): it stays that one channel until :class:`Normalize` broadcasts it back, for a
+    third of the work. Every op in between acts per channel or mixes channels that are equal, so the
+    result is the same (bit for bit on the CPU: ``test_a_grayscale_batch_is_computed_on_its_one_channel``)."""
+    if x.shape[1] > 1 and x.stride(1) == 0:
+        x = x[:, :1]
+    return x.float().div_(255)
+
+
 class Normalize:
-    """(x - mean) / std, as x * (1 / std) - mean / std: one pass over the batch instead of two."""
+    """(x - mean) / std, as x * (1 / std) - mean / std: one pass over the batch instead of two. A
+    one-channel batch (:func:`to_unit`) comes out with as many channels as the mean has."""
 
     def __init__(self, mean, std):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
@@ -80,7 +91,7 @@ class TwoViewTransform:
 
     def views(self, x: torch.Tensor, p: ViewParams) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views, on whatever device ``x`` (uint8) and ``p`` are."""
-        x = x.float().div_(255)
+        x = to_unit(x)
         if p.boxes is not None:
             x = resized_crop(x, p.boxes, p.flip, self.size)
         # symmetric_strong: the two views draw independent strong perturbations.
@@ -100,7 +111,7 @@ class EvalTransform:
         self.normalize = Normalize(mean, std)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255)
+        x = to_unit(x)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp_(0, 1)
         return self.normalize(x)
@@ -114,7 +125,7 @@ class FinetuneTransform:
         self.normalize = Normalize(mean, std)
 
     def __call__(self, x: torch.Tensor, epoch: int, index) -> torch.Tensor:
-        x = x.float().div_(255)
+        x = to_unit(x)
         u = crng.uniforms(self.seed, epoch, index, crng.FINETUNE, GEOMETRY_UNIFORMS)
         boxes, flip = flip_and_boxes(u, x.shape[2], x.shape[3], self.scale, self.ratio, self.flip_p)
         return self.normalize(resized_crop(x, torch.from_numpy(boxes), torch.from_numpy(flip), self.size))
