@@ -15,7 +15,7 @@ pretrain() between two windows of the step alone, run at pretrain()'s read-backs
 ratio (adjacent windows of the step fed with batches made as pretrain() makes them, in the step's
 process, and of the step alone).
 
-    python benchmarks/step.py [--set key=value ...] [--windows N] [--epochs N] [--compile]
+    python benchmarks/step.py [--set key=value ...] [--windows N] [--epochs N] [--compile] [--compare-channels]
 """
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def main():
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the real loop per round")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--compile", action="store_true", help="pretrain.compile=true: the step's forward under torch.compile")
+    ap.add_argument("--compare-channels", action="store_true",
+                    help="also the paired ratio with a grey batch's three channels written out, alternating with the "
+                         "one-channel views in the same process")
     args = ap.parse_args()
     sets = args.set + (["pretrain.compile=true"] if args.compile else [])
     cfg = load_config(args.preset, sets)
@@ -93,8 +96,9 @@ def main():
         opt.step()
         net.update_momentum(0.996)
 
-    def real_batch(epoch, index):
-        xo, xt = tf(train.batch(index, cfg.model.img_size), epoch, index)
+    def real_batch(epoch, index, written_out=False):
+        x = train.batch(index, cfg.model.img_size)
+        xo, xt = tf(x.contiguous() if written_out else x, epoch, index)
         return xo, xt, masks_for(maskgen, cfg.seed, epoch, index)
 
     batches = list(ShardedBatches(len(train), B, 0, 1, cfg.seed, 0))
@@ -144,17 +148,18 @@ def main():
                 ratios.append((alone0 + alone1) / 2 / (t_end - resumed))
         return speeds, ratios
 
-    def paired(pairs: int) -> list[float]:
+    def paired(pairs: int, written_out: bool = False) -> list[float]:
         """Windows of the step fed as pretrain() feeds it (each batch made in this process: pixels,
         view parameters, masks, the two views) alternating with windows of the step alone: the
-        ratio of each adjacent pair, so that the machine's drift cancels."""
+        ratio of each adjacent pair, so that the machine's drift cancels. ``written_out``: a grey
+        batch's three channels written out, so that the views compute all three (as before e8c2300)."""
         fed = iter(batches * (1 + pairs * WINDOW // len(batches)))
         ratios = []
         for _ in range(pairs):
             t_alone = window_alone()
             t = time.perf_counter()
             for _ in range(WINDOW):
-                step(*real_batch(*next(fed)))
+                step(*real_batch(*next(fed), written_out))
             ratios.append(t_alone / (time.perf_counter() - t))
         return ratios
 
@@ -187,6 +192,14 @@ def main():
     print(f"achieved FLOP/s           {achieved / 1e9:.1f} GFLOP/s")
     print(f"matmul FLOP/s (2048^2)    {peak / 1e9:.1f} GFLOP/s")
     print(f"MFU                       {achieved / peak:.3f}")
+    if args.compare_channels:
+        one, three = [], []
+        for _ in range(args.rounds):
+            one += paired(args.windows)
+            three += paired(args.windows, written_out=True)
+        print(f"paired, views of 1 / 3 ch {pct(one, 0.5):.3f} / {pct(three, 0.5):.3f}   (medians of {len(one)} pairs each, "
+              f"alternating rounds; quartiles {pct(one, 0.25):.3f}-{pct(one, 0.75):.3f} / "
+              f"{pct(three, 0.25):.3f}-{pct(three, 0.75):.3f})")
     print(f"peak RSS                  {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
