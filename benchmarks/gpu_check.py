@@ -79,7 +79,8 @@ def main() -> int:
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--per-class", type=int, default=64, help="training images per class")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override, repeatable")
-    ap.add_argument("--compile", action="store_true", help="also set pretrain.compile=true")
+    ap.add_argument("--compile", nargs="?", const="true", metavar="MODE",
+                    help="also set pretrain.compile: alone = true, or a mode (reduce-overhead = CUDA graphs)")
     a = ap.parse_args()
 
     from conmim.config import load_config
@@ -105,7 +106,7 @@ def main() -> int:
             "finetune.warmup_epochs=0", "eval.probe_epochs=2", "eval.proxy_every=1",
             "resources.num_workers=1", f"resources.use_gpu={str(cuda).lower()}",
             f"resources.gpus_per_worker={1 if cuda else 0}",
-            *(["pretrain.compile=true"] if a.compile else []), *a.sets]
+            *([f"pretrain.compile={a.compile}"] if a.compile else []), *a.sets]
     cfg = load_config(a.preset, sets)
 
     backend = "nccl" if cuda else "gloo"

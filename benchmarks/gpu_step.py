@@ -7,7 +7,7 @@ measured in the same run.
 For a bare GPU box: torch, timm, pydantic and pyyaml are enough (it imports `conmim` from the
 checkout; no Ray, no MLflow).
 
-    python benchmarks/gpu_step.py [--batch 64] [--steps 30] [--workers 12] [--compile] [--profile] [--data DIR]
+    python benchmarks/gpu_step.py [--batch 64] [--steps 30] [--workers 12[,8...]] [--compile [MODE]] [--profile] [--data DIR]
     python benchmarks/gpu_step.py --flops-only     # no GPU: FLOPs per image and the paper-scale cost
 """
 from __future__ import annotations
@@ -28,23 +28,23 @@ import torch.nn as nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 
-def config(root: Path, batch: int, workers: int, epochs: int, sets: list[str], compile_: bool):
+def config(root: Path, batch: int, workers: int, epochs: int, sets: list[str], compile_: str):
     from conmim.config import load_config
     return load_config("vit-b16-imagenet", [
         f"data.root={root}", "data.val_size=8", f"data.num_workers={workers}", f"pretrain.epochs={epochs}",
         f"pretrain.batch_size={batch}", f"pretrain.lr_batch_size={batch}", "pretrain.warmup_epochs=0",
         "pretrain.checkpoint_every=1000", "eval.proxy_every=0", "resources.num_workers=1",
-        f"pretrain.compile={str(compile_).lower()}", *sets], check_paths=False)
+        f"pretrain.compile={compile_}", *sets], check_paths=False)
 
 
 def step_alone(cfg, dev, steps: int, profile: bool = False):
     """images/s and FLOPs of the step (forward, backward, clipping, AdamW, EMA) on pre-made device
     tensors, built and optimised as `pretrain()` does."""
     from conmim.method.vit import param_groups
-    from conmim.train.build import adamw, build_conmim
+    from conmim.train.build import adamw, build_conmim, compiled, mark_step_begin
     p = cfg.pretrain
     net = build_conmim(cfg).to(dev)
-    model = torch.compile(net) if p.compile else net
+    model = compiled(net, p.compile)
     opt = adamw(param_groups(net.online, p.weight_decay), p.lr, dev, betas=tuple(p.betas))
     B, S, P = p.batch_size, cfg.model.img_size, cfg.model.grid ** 2
     xo, xt = torch.randn(B, 3, S, S, device=dev), torch.randn(B, 3, S, S, device=dev)
@@ -52,6 +52,7 @@ def step_alone(cfg, dev, steps: int, profile: bool = False):
     mask[:, torch.randperm(P)[:net.rows]] = True
 
     def step(m):
+        mark_step_begin(p.compile if m is model else False)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p.amp):
             loss_sum, _ = m(xo, xt, mask, mask)
         loss = loss_sum / (B * net.rows)
@@ -100,7 +101,7 @@ def data_alone(cfg, dev, steps: int):
     prefetched batches are used up (more epochs over the same images: the same work per batch)."""
     from conmim.data.sources import load_splits
     from conmim.data.transforms import TwoViewTransform
-    from conmim.train.build import mask_generator
+    from conmim.train.build import compiled_views, mask_generator
     from conmim.train.pretrain import _batches
     from conmim.train.session import LocalSession
     cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"epochs": 100})})
@@ -108,6 +109,7 @@ def data_alone(cfg, dev, steps: int):
     session = LocalSession(Path(tempfile.mkdtemp(prefix="conmim-gpu-data-")), "pretrain", str(dev))
     transform = TwoViewTransform(cfg.augment, cfg.objective.perturbation, cfg.model.img_size,
                                  train.mean, train.std, cfg.seed, geometry=train.fixed_size)
+    views = compiled_views(transform, cfg.pretrain.compile)
     loader = iter(_batches(cfg, train, transform, mask_generator(cfg), session, 0))
     skip = 5 * max(1, cfg.data.num_workers)  # (a DataLoader keeps 4 batches per worker in flight)
     n = t = 0
@@ -116,12 +118,12 @@ def data_alone(cfg, dev, steps: int):
             sync(dev)
             t = time.perf_counter()
         images, params, mask = session.to_device(batch)
-        views = transform.views(images, params)
+        made = views(images, params)
         n += images.shape[0] if i >= skip else 0
         if i == skip + steps - 1:
             break
     sync(dev)
-    del views
+    del made
     return n / (time.perf_counter() - t)
 
 
@@ -223,12 +225,14 @@ def attention_backends(dev, B=64, H=12, N=197, d=64, iters=20):
     def explicit(q, k, v, bias):
         return ((q * d ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1) @ v
 
+    flex = flex_with_bias()
+
     variants = {name: (lambda b=b: sdpa_kernel([b])) for name, b in (
         ("mem-efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
         ("math", SDPBackend.MATH))}
     ref = None
-    for name in [*variants, "explicit, compiled"]:
-        fn = torch.compile(explicit) if name == "explicit, compiled" else \
+    for name in [*variants, "explicit, compiled", "flex, compiled"]:
+        fn = torch.compile(explicit) if name == "explicit, compiled" else flex if name == "flex, compiled" else \
             (lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, attn_mask=b))
         ctx = variants.get(name, lambda: torch.enable_grad())
         try:
@@ -252,6 +256,43 @@ def attention_backends(dev, B=64, H=12, N=197, d=64, iters=20):
                   zip((res[0], *res[1]), (ref[0], *ref[1])))
         print(f"attention {name:<20} {ms:7.3f} ms fwd+bwd per layer; max rel. diff vs the first above "
               f"(out, dq, dk, dv, dbias) {err:.1e}", flush=True)
+
+
+def flex_with_bias():
+    """FlexAttention (a kernel Inductor writes for this score modification) with BEiT's bias added
+    to the scores; the bias [1, H, N, N] gets its gradient through the captured tensor."""
+    from torch.nn.attention.flex_attention import flex_attention
+    attend = torch.compile(flex_attention)
+
+    def fn(q, k, v, bias):
+        table = bias[0]
+        return attend(q, k, v, score_mod=lambda score, b, h, i, j: score + table[h, i, j])
+    return fn
+
+
+def use_flex_attention() -> None:
+    """From here on in this process, timm's BEiT attention computes its biased attention with
+    FlexAttention (the bias as a score modification, its gradient through the captured tensor)
+    instead of SDPA's memory-efficient kernel: to measure what the step's MFU would gain before
+    the model takes it. Calls without a bias, or with dropout, stay SDPA."""
+    import types
+    import timm.models.beit as beit
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import flex_attention
+    sdpa = F.scaled_dot_product_attention
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, **kw):
+        if attn_mask is None or dropout_p or kw:
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, **kw)
+        if attn_mask.dim() == 3 or attn_mask.shape[0] == 1:  # [H, N, N] or [1, H, N, N]: shared by the batch
+            table = attn_mask.reshape(attn_mask.shape[-3:])
+            return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + table[h, i, j])
+        return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + attn_mask[b, h, i, j])
+
+    proxy = types.ModuleType("torch.nn.functional")
+    proxy.__dict__.update(F.__dict__)
+    proxy.scaled_dot_product_attention = attention
+    beit.F = proxy
 
 
 def sync(dev):
@@ -289,13 +330,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30, help="timed steps of the step alone; the real loop runs as many")
-    ap.add_argument("--workers", type=int, default=12, help="data.num_workers of the real loop")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--workers", default="12", help="data.num_workers of the real loop; several, comma-separated "
+                    "(e.g. 12,8): the data alone and the real loop once per count, against the same step alone")
+    ap.add_argument("--compile", nargs="?", const="true", default="false", metavar="MODE[,MODE]",
+                    help="pretrain.compile: alone = true (Inductor's default mode), or reduce-overhead (CUDA graphs), "
+                    "max-autotune, max-autotune-no-cudagraphs, false; several, comma-separated: each measured in turn "
+                    "in this process (e.g. false,true,reduce-overhead)")
     ap.add_argument("--profile", action="store_true", help="print the step alone's kernels by device time")
     ap.add_argument("--compare-host-copies", action="store_true",
                     help="run the real loop again with the views' constants copied from the host per step")
     ap.add_argument("--loop-profile", action="store_true", help="also profile 10 steps of the real loop")
     ap.add_argument("--attention", action="store_true", help="only: BEiT's attention per SDPA backend")
+    ap.add_argument("--flex-attention", action="store_true",
+                    help="then the step alone once more per compiled mode, with BEiT's attention as FlexAttention")
     ap.add_argument("--data", help="folder for the JPEG ImageFolder (reused if it holds enough images)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to check the script itself")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override (e.g. for a CPU check)")
@@ -314,23 +361,52 @@ def main():
     t0 = time.perf_counter()
     root = jpeg_folder(Path(a.data) if a.data else Path(tempfile.mkdtemp(prefix="conmim-jpegs-")), a.steps * a.batch)
     print(f"  ({a.steps * a.batch} JPEGs in {root}: {time.perf_counter() - t0:.1f} s)", flush=True)
-    cfg = config(root, a.batch, a.workers, 4, a.sets, a.compile)
+    workers, modes = [int(w) for w in a.workers.split(",")], a.compile.split(",")
+    cfg = config(root, a.batch, workers[0], 4, a.sets, modes[0])
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    print(f"device            {name}; torch {torch.__version__}; batch {a.batch}, bf16 autocast {cfg.pretrain.amp}"
-          f"{', compiled' if a.compile else ''}, {cfg.model.name} {cfg.model.img_size}^2", flush=True)
+    print(f"device            {name}; torch {torch.__version__}; batch {a.batch}, bf16 autocast {cfg.pretrain.amp}, "
+          f"{cfg.model.name} {cfg.model.img_size}^2", flush=True)
     peak = matmul_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, 8192 if dev.type == "cuda" else 1024)
     print(f"matmul peak       {peak / 1e12:.1f} TFLOP/s (measured here)", flush=True)
-    (alone, flops), syncs = host_syncs(lambda: step_alone(cfg, dev, a.steps, a.profile), dev)
-    per_image = flops / a.batch
-    print(f"model FLOPs/image {per_image / 1e9:.1f} GFLOP", flush=True)
-    print(f"step alone        {alone:8.1f} images/s  (MFU {alone * per_image / peak:.3f})", flush=True)
-    print_syncs("step alone", syncs, a.steps + 6)
-    data = data_alone(cfg, dev, 2 * a.steps)
-    print(f"data alone        {data:8.1f} images/s  (loader workers + copy + views on the device, no step)", flush=True)
-    loop, syncs = host_syncs(lambda: real_loop(cfg, dev), dev)
-    print(f"real loop         {loop:8.1f} images/s  (data.num_workers={a.workers}, JPEG ImageFolder)", flush=True)
-    print(f"real / alone      {loop / alone:.3f}", flush=True)
-    print_syncs("real loop", syncs, cfg.pretrain.epochs * (a.steps - 1))
+    rows = []
+    for mode in modes:  # (one process: the same machine, the same JPEGs, for every mode)
+        torch._dynamo.reset()  # (each mode compiles afresh, within Dynamo's recompile limit)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        cfg = config(root, a.batch, workers[0], 4, a.sets, mode)
+        print(f"-- pretrain.compile={cfg.pretrain.compile}", flush=True)
+        (alone, flops), syncs = host_syncs(lambda: step_alone(cfg, dev, a.steps, a.profile), dev)
+        per_image = flops / a.batch
+        print(f"model FLOPs/image {per_image / 1e9:.1f} GFLOP", flush=True)
+        print(f"step alone        {alone:8.1f} images/s  (MFU {alone * per_image / peak:.3f})", flush=True)
+        print_syncs("step alone", syncs, a.steps + 6)
+        for w in workers:
+            cfg = config(root, a.batch, w, 4, a.sets, mode)
+            data = data_alone(cfg, dev, 2 * a.steps)
+            print(f"data alone        {data:8.1f} images/s  (data.num_workers={w}: loader workers + copy + views on the "
+                  f"device, no step)", flush=True)
+            loop, syncs = host_syncs(lambda: real_loop(cfg, dev), dev)
+            print(f"real loop         {loop:8.1f} images/s  (data.num_workers={w}, JPEG ImageFolder)", flush=True)
+            print(f"real / alone      {loop / alone:.3f}  (data.num_workers={w})", flush=True)
+            print_syncs("real loop", syncs, cfg.pretrain.epochs * (a.steps - 1))
+            memory = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
+            rows.append((cfg.pretrain.compile, w, alone, alone * per_image / peak, data, loop, loop / alone, memory))
+    print("\n| pretrain.compile | workers | step alone, images/s | MFU | data alone | real loop | real / alone | "
+          "peak GiB |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| {} | {} | {:.1f} | {:.3f} | {:.0f} | {:.1f} | **{:.3f}** | {:.1f} |".format(*r), flush=True)
+    if a.flex_attention:  # (after the rest: the patch stays for the process)
+        use_flex_attention()
+        for mode in [m for m in modes if m != "false"]:
+            torch._dynamo.reset()
+            cfg = config(root, a.batch, workers[0], 4, a.sets, mode)
+            try:
+                alone_flex, flops = step_alone(cfg, dev, a.steps)
+            except Exception as e:  # noqa: BLE001 - e.g. no backward for a captured tensor in this torch
+                print(f"step alone, FlexAttention, pretrain.compile={mode}: failed: {str(e).splitlines()[0][:200]}")
+                continue
+            print(f"step alone, FlexAttention for BEiT's biased attention, pretrain.compile={mode}: {alone_flex:.1f} "
+                  f"images/s (MFU {alone_flex * flops / a.batch / peak:.3f})", flush=True)
     if a.compare_host_copies:
         from conmim.data import constants
         cached, constants._ON_DEVICE = constants._ON_DEVICE, _NoCache()
@@ -341,8 +417,6 @@ def main():
         print_syncs("loop with host copies", syncs, cfg.pretrain.epochs * (a.steps - 1))
     if a.loop_profile:  # (a run of its own: the profiler slows the host)
         real_loop(cfg, dev, profile=True)
-    if dev.type == "cuda":
-        print(f"peak GPU memory   {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
 
 
 def print_syncs(what: str, places: dict, steps: int):

@@ -39,7 +39,7 @@ from conmim.data.sampler import ShardedBatches  # noqa: E402
 from conmim.data.sources import load_splits  # noqa: E402
 from conmim.data.transforms import TwoViewTransform  # noqa: E402
 from conmim.method.vit import param_groups  # noqa: E402
-from conmim.train.build import build_conmim, mask_generator  # noqa: E402
+from conmim.train.build import build_conmim, compiled, compiled_views, mask_generator  # noqa: E402
 from conmim.train.pretrain import pretrain  # noqa: E402
 from conmim.train.session import LocalSession  # noqa: E402
 
@@ -81,10 +81,11 @@ def main():
     torch.manual_seed(0)
     train = load_splits(cfg.data)["train"]
     net = build_conmim(cfg)
-    model = torch.compile(net) if cfg.pretrain.compile else net
+    model = compiled(net, cfg.pretrain.compile)
     opt = torch.optim.AdamW(param_groups(net.online, 0.05), lr=1e-4)
     B = cfg.pretrain.batch_size
     tf = TwoViewTransform(cfg.augment, cfg.objective.perturbation, cfg.model.img_size, train.mean, train.std, cfg.seed)
+    views = compiled_views(tf, cfg.pretrain.compile)  # (as pretrain() makes them)
     maskgen = mask_generator(cfg)
 
     def step(xo, xt, mask):
@@ -98,7 +99,7 @@ def main():
 
     def real_batch(epoch, index, written_out=False):
         x = train.batch(index, cfg.model.img_size)
-        xo, xt = tf(x.contiguous() if written_out else x, epoch, index)
+        xo, xt = views(x.contiguous() if written_out else x, tf.params(epoch, index, x.shape[2], x.shape[3]))
         return xo, xt, masks_for(maskgen, cfg.seed, epoch, index)
 
     batches = list(ShardedBatches(len(train), B, 0, 1, cfg.seed, 0))

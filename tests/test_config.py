@@ -46,6 +46,24 @@ def test_canonical_merges_equivalent_configs():
     assert canonical_hash(s1) == canonical_hash(s2)
 
 
+def test_compile_takes_a_mode_and_keeps_the_ids_of_true_and_false():
+    """``pretrain.compile`` took true/false; it now also takes torch.compile's modes. The canonical
+    id hashes the config's JSON, so true and false must still be written as JSON booleans: the
+    trials of a sweep begun before the change keep their ids, and resume instead of running again."""
+    base = load_config("tiny")
+    for value, written in (("false", "false"), ("true", "true"), ("reduce-overhead", '"reduce-overhead"'),
+                           ("max-autotune-no-cudagraphs", '"max-autotune-no-cudagraphs"')):
+        cfg = load_config("tiny", [f"pretrain.compile={value}"])
+        assert f'"compile": {written}' in canonical(cfg).model_dump_json().replace('":', '": ')
+    assert canonical_hash(load_config("tiny", ["pretrain.compile=false"])) == canonical_hash(base)
+    assert len({canonical_hash(load_config("tiny", [f"pretrain.compile={v}"]))
+                for v in ("false", "true", "reduce-overhead", "max-autotune")}) == 4
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", ["pretrain.compile=fast"])
+    assert str(e.value).count("pretrain.compile") == 1  # one line for the two ways it failed
+    assert "allowed: true, false, 'reduce-overhead', 'max-autotune' or 'max-autotune-no-cudagraphs'" in str(e.value)
+
+
 BAD = [
     ("unknown top-level key", "foo: 1\n", [], "foo"),
     ("unknown nested key", "objective:\n  temprature: 0.2\n", [], "objective.temprature"),

@@ -1,7 +1,7 @@
 """Paths that only a GPU run takes, checked on the CPU where the same mistake can be made:
 collectives on host tensors (an NCCL group rejects them), the reference's final LayerNorm for
 BEiT, the shared relative position bias untied for fine-tuning, checkpoints read onto another
-device, benchmarks/gpu_check.py itself, and pretrain.compile (one graph, compiled once)."""
+device, benchmarks/gpu_check.py itself, and pretrain.compile (the step and the views compiled once)."""
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -312,15 +312,59 @@ def test_training_loops_read_the_device_once_per_interval_not_per_step(small, tm
 
 def test_gpu_step_script_runs_on_the_cpu():
     """benchmarks/gpu_step.py (step alone vs the real loop on JPEGs) on a CPU with a 32² BEiT: the
-    script itself, loader workers and reduced-size decoding included, does not rot."""
+    script itself, loader workers and reduced-size decoding included, does not rot; with two
+    worker counts and two compile modes, as a GPU session runs it in one call."""
     small = ["--set", "model.img_size=32", "--set", "model.patch_size=8", "--set", "model.embed_dim=64",
              "--set", "model.depth=2", "--set", "model.num_heads=2", "--set", "model.projector_hidden=128",
              "--set", "model.projector_out=32", "--set", "masking.min_block_patches=2", "--set", "pretrain.amp=false"]
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--device", "cpu", "--batch", "8",
-                        "--steps", "4", "--workers", "1", *small], capture_output=True, text=True, timeout=600)
+                        "--steps", "4", "--workers", "1,0", "--compile", "false,reduce-overhead", *small],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
-    ratio = float(next(l for l in p.stdout.splitlines() if l.startswith("real / alone")).split()[-1])
-    assert ratio > 0 and "step alone" in p.stdout and "MFU" in p.stdout  # (a ratio of a few steps is noise)
+    ratios = [l.split() for l in p.stdout.splitlines() if l.startswith("real / alone")]
+    assert [r[-1] for r in ratios] == ["(data.num_workers=1)", "(data.num_workers=0)"] * 2, p.stdout
+    table = [l.split("|")[1:3] for l in p.stdout.splitlines() if l.startswith("| ") and "**" in l]
+    assert [(m.strip(), w.strip()) for m, w in table] == [("False", "1"), ("False", "0"), ("reduce-overhead", "1"),
+                                                          ("reduce-overhead", "0")], p.stdout
+    assert all(float(r[3]) > 0 for r in ratios)  # (a ratio of a few steps is noise)
+    assert "step alone" in p.stdout and "MFU" in p.stdout
+
+
+def test_views_benchmark_runs_and_the_compiled_views_are_the_eager_ones():
+    """benchmarks/views.py (eager against compiled views, what ``pretrain.compile`` compiles with the
+    step) runs, and reports the compiled views within float rounding of the eager ones."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "views.py"), "--device", "cpu", "--batch", "4",
+                        "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    diffs = [float(l.split("max |difference| ")[1].split(";")[0]) for l in p.stdout.splitlines() if "difference" in l]
+    assert len(diffs) == 2 and max(diffs) < 1e-4, p.stdout
+
+
+def test_gpu_steps_flex_attention_computes_beits_attention(monkeypatch):
+    """``gpu_step.py --flex-attention`` times the step with BEiT's biased attention as FlexAttention,
+    to see what the MFU would gain. FlexAttention has no backward on the CPU, so here only its
+    forward: a BEiT with the shared relative position bias (as pre-trained) and one with a bias
+    per block (as fine-tuned) give the same tokens as with SDPA."""
+    import timm.models.beit as beit
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.setattr(beit, "F", beit.F)  # (restored after the test: the patch replaces it)
+    import gpu_step
+    cfg = load_config("vit-b16-imagenet", ["data.root=/nonexistent", "model.img_size=32", "model.patch_size=8",
+                                           "model.depth=2"], check_paths=False)
+    torch.manual_seed(0)
+    encoders = [build_encoder(cfg).eval(), build_encoder(cfg, for_finetune=True).eval()]
+    tables = [encoders[0].vit.rel_pos_bias.relative_position_bias_table,  # [H, N, N] to the blocks
+              *(blk.attn.relative_position_bias_table for blk in encoders[1].vit.blocks)]  # [1, H, N, N]
+    for t in tables:  # (zero-initialised: a bias that shows)
+        nn.init.normal_(t, std=1.0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        sdpa = [enc(x) for enc in encoders]
+        gpu_step.use_flex_attention()
+        assert beit.F.scaled_dot_product_attention is not torch.nn.functional.scaled_dot_product_attention
+        flex = [enc(x) for enc in encoders]
+    for a, b in zip(sdpa, flex):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
 class HostCopies(TorchDispatchMode):
@@ -463,15 +507,18 @@ def test_randaugment_posterizes_to_black_at_its_top_magnitude():
 
 
 # ---------------------------------------------------------------------------------------------
-# pretrain.compile: one graph, compiled once, the eager step's losses
+# pretrain.compile: the step and the views compiled once, the eager step's losses
 # ---------------------------------------------------------------------------------------------
 
-def test_compiled_pretraining_is_one_graph_compiled_once(small, tmp_path, monkeypatch):
+def test_compiled_pretraining_compiles_the_step_and_the_views_once(small, tmp_path, monkeypatch):
     """``pretrain.compile`` is what a GPU run turns on for speed (+33 % on an H200), and what a
     data-dependent shape or a read-back in the step would quietly undo: a graph break splits the
     step, a recompile per batch costs seconds each. Here, on the CPU with Inductor (~50 s to
-    compile): two epochs are one graph with no break and no recompile, and the per-step losses
-    are the eager step's (the first to float rounding; AdamW grows the round-off over 8 steps)."""
+    compile): two epochs are two graphs (the step; the two views, compiled with it) with no break
+    and no recompile, and the per-step losses are the eager step's (the first to float rounding;
+    AdamW grows the round-off over 8 steps). Then the CUDA-graph mode, 'reduce-overhead': off a GPU
+    Inductor skips the graphs, so the same kernels give the same losses, through the same loop
+    (the mode passed to torch.compile, the iteration marked before each step)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -479,11 +526,16 @@ def test_compiled_pretraining_is_one_graph_compiled_once(small, tmp_path, monkey
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     cfg = dict(debug__log_steps=True, pretrain__epochs=2)  # data.subset 256: 4 steps an epoch
     eager = pretrain(small(**cfg), LocalSession(tmp_path / "eager", "pretrain"))
-    compiled = pretrain(small(**cfg, pretrain__compile=True), LocalSession(tmp_path / "compiled", "pretrain"))
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], \
-        (dict(counters["stats"]), dict(counters["graph_break"]))
-    a, b = eager["step_losses"], compiled["step_losses"]
-    assert len(a) == len(b) == 8
-    assert abs(a[0] - b[0]) < 1e-5 * abs(a[0])
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-2
-    torch._dynamo.reset()
+    try:
+        compiled = pretrain(small(**cfg, pretrain__compile=True), LocalSession(tmp_path / "compiled", "pretrain"))
+        assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], \
+            (dict(counters["stats"]), dict(counters["graph_break"]))
+        a, b = eager["step_losses"], compiled["step_losses"]
+        assert len(a) == len(b) == 8
+        assert abs(a[0] - b[0]) < 1e-5 * abs(a[0])
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-2
+        torch._dynamo.reset()  # (a new model: compiled afresh, not a recompile)
+        graphs = pretrain(small(**cfg, pretrain__compile="reduce-overhead"), LocalSession(tmp_path / "graphs", "pretrain"))
+        assert graphs["step_losses"] == pytest.approx(b, rel=1e-6)
+    finally:
+        torch._dynamo.reset()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import Field, model_validator
@@ -102,7 +102,11 @@ class PretrainConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.98)
     clip_grad: Optional[float] = Field(None, gt=0)
     amp: bool = Field(False, description="bf16 autocast (GPU)")
-    compile: bool = False
+    compile: Union[bool, Literal["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
+        False, description="torch.compile the model's step: true = Inductor's default mode; or a mode of "
+        "torch.compile: 'reduce-overhead' (CUDA graphs: the step's ~1 000 kernel launches replayed as a few, for a "
+        "loop the host cannot keep fed), 'max-autotune' (also tunes the matmuls, minutes of compilation; CUDA graphs "
+        "too), 'max-autotune-no-cudagraphs'. Off a GPU the CUDA graphs are skipped")
     sync_bn: bool = Field(False, description="SyncBatchNorm in the projectors (the reference uses per-worker BN)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     log_every: int = Field(0, ge=0, description="steps between reading the loss statistics back from the device "

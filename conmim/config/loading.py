@@ -230,6 +230,9 @@ def format_validation_error(e: ValidationError, label: str, schema: Any = None) 
         if err["branch"] and err["type"].endswith("_type") and any(
                 o is not err and o["loc"][:len(err["loc"])] == err["loc"] and not o["type"].endswith("_type") for o in errors):
             continue  # 'base' as a string failed, as a mapping it has a real problem: show that one
+        if err["branch"] and err["type"].startswith("bool_") and any(
+                o["loc"] == err["loc"] and o["type"] == "literal_error" for o in errors):
+            continue  # true/false or a named mode (pretrain.compile): the literal's line names both
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         value = err.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
@@ -241,7 +244,10 @@ def format_validation_error(e: ValidationError, label: str, schema: Any = None) 
         elif kind == "extra_forbidden":
             lines.append(f"unknown key '{key}' ({_allowed_keys(err['loc'], schema)})")
         elif kind == "literal_error":
-            lines.append(f"'{key}' = {shown} is not allowed; {err['msg'].replace('Input should be', 'allowed:')}")
+            also = "true, false, " if err["branch"] and any(
+                o["loc"] == err["loc"] and o["type"].startswith("bool_") for o in errors) else ""
+            lines.append(f"'{key}' = {shown} is not allowed; "
+                         f"{err['msg'].replace('Input should be ', 'allowed: ' + also)}")
         elif kind == "value_error":
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(msg if not err["loc"] or key in msg else f"{key}: {msg}")
@@ -252,7 +258,8 @@ def format_validation_error(e: ValidationError, label: str, schema: Any = None) 
 
 def _clean_loc(loc: tuple) -> tuple:
     """Drop pydantic's union-branch tags ('str', 'BaseSpec') from an error location."""
-    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or p in ("str", "int", "float", "bool"))))
+    return tuple(p for p in loc if not (isinstance(p, str) and (p[:1].isupper() or p in ("str", "int", "float", "bool")
+                                                                or p.startswith("literal["))))
 
 
 def _unwrap_union(ann: Any) -> Any:

@@ -19,7 +19,7 @@ from conmim.data.transforms import TwoViewTransform
 from conmim.failures import DivergedError
 from conmim.method.vit import param_groups
 from conmim.train import checkpoint, faults, schedules
-from conmim.train.build import adamw, build_conmim, mask_generator
+from conmim.train.build import adamw, build_conmim, compiled, compiled_views, mark_step_begin, mask_generator
 from conmim.train.evaluate import knn_top1_of
 from conmim.train.session import Session, micro_batches
 
@@ -41,12 +41,12 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
     # interleave with those collectives, so with sync_bn the gradients are averaged after backward.
     manual_sync = session.collectives and p.sync_bn
     model = ddp = net if manual_sync else session.ddp(net)
-    if p.compile:
-        model = torch.compile(model)
+    model = compiled(model, p.compile)
     opt = adamw(param_groups(net.online, p.weight_decay), p.lr, session.device, betas=tuple(p.betas))
 
     transform = TwoViewTransform(cfg.augment, cfg.objective.perturbation, cfg.model.img_size,
                                  train.mean, train.std, cfg.seed, geometry=train.fixed_size)
+    views = compiled_views(transform, p.compile)
     maskgen = mask_generator(cfg)
     steps_per_epoch = len(ShardedBatches(len(train), p.batch_size, 0, 1, cfg.seed, 0))
     if steps_per_epoch == 0:
@@ -98,9 +98,10 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
             # sampler, the prefetch depth and resuming stay counted in optimiser steps, and the
             # uint8 slice is small next to the activations, which only a micro-batch's views make.
             for k, (images, params, mask) in enumerate(micro_batches(session.to_device(next(loader)), p.accumulate)):
-                masked_view, full_view = (v.to(dtype) for v in transform.views(images, params))
+                masked_view, full_view = (v.to(dtype) for v in views(images, params))
                 loss_mask = mask if cfg.masking.enabled else torch.ones_like(mask)
                 with session.no_sync(ddp, skip=k < p.accumulate - 1):  # one gradient all-reduce per step
+                    mark_step_begin(p.compile)
                     with session.autocast(p.amp):
                         loss_sum, spread = model(masked_view, full_view, mask, loss_mask)
                     loss = faults.poison(cfg, step, loss_sum * session.world / global_rows)

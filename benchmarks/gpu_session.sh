@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one prepared call for a GPU session (issue 14), sized to fit one device call (<= 600 s) on
+# a bare box with torch and a GPU: the project's light wheels are carried in .whl/ (git-ignored;
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl
+# timm==1.0.31 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-extensions typing-inspection` here).
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# Each part writes its own file under $OUT as it goes, so a part cut off by its timeout still
+# returns what it printed.
+set -u
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+# 0. The views, eager against compiled (the host's launches per step that compiling them saves).
+timeout 60 python3 benchmarks/views.py > "$OUT/views.txt" 2>&1
+# 1. The step alone and the real loop: Inductor's default mode and CUDA graphs, 12 and 8 loader
+#    workers, then the step alone with FlexAttention for BEiT's biased attention (MFU).
+timeout 360 python3 benchmarks/gpu_step.py --batch 64 --steps 60 --workers 12,8 --compile true,reduce-overhead \
+    --flex-attention --data /tmp/jpegs > "$OUT/gpu_step.txt" 2>&1
+echo "rc $?" >> "$OUT/gpu_step.txt"
+# 2. The paper-scale path under CUDA graphs, collectives on (DDP): pre-training, probes, fine-tuning.
+timeout 170 python3 benchmarks/gpu_check.py --compile reduce-overhead > "$OUT/gpu_check.txt" 2>&1
+echo "rc $?" >> "$OUT/gpu_check.txt"
+tail -n 12 "$OUT/views.txt" "$OUT/gpu_step.txt" "$OUT/gpu_check.txt"
