@@ -75,6 +75,8 @@ BAD = [
     ("bad override key", "{}\n", ["--set", "objective.tau=0.1"], "objective.tau"),
     ("bad override value", "{}\n", ["--set", "masking.type=hexagon"], "masking.type"),
     ("impossible combination", "resources:\n  num_workers: 3\n", [], "pretrain.batch_size"),
+    ("CUDA graphs with accumulation", "pretrain:\n  compile: reduce-overhead\n  accumulate: 2\n", [],
+     "pretrain.accumulate=2"),
     ("yaml syntax", "objective: [\n", [], "line"),
     ("not a mapping", "- 1\n- 2\n", [], "mapping"),
 ]

@@ -106,7 +106,8 @@ class PretrainConfig(Strict):
         False, description="torch.compile the model's step: true = Inductor's default mode; or a mode of "
         "torch.compile: 'reduce-overhead' (CUDA graphs: the step's ~1 000 kernel launches replayed as a few, for a "
         "loop the host cannot keep fed), 'max-autotune' (also tunes the matmuls, minutes of compilation; CUDA graphs "
-        "too), 'max-autotune-no-cudagraphs'. Off a GPU the CUDA graphs are skipped")
+        "too), 'max-autotune-no-cudagraphs'. Off a GPU the CUDA graphs are skipped; with accumulate > 1 they are refused "
+        "(torch's CUDA graphs do not add up micro-batches' gradients)")
     sync_bn: bool = Field(False, description="SyncBatchNorm in the projectors (the reference uses per-worker BN)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     log_every: int = Field(0, ge=0, description="steps between reading the loss statistics back from the device "
@@ -210,6 +211,12 @@ class ExperimentConfig(Strict):
                     f"{phase}.accumulate={p.accumulate} = {w * p.accumulate} (it is the global batch; each worker "
                     f"computes {phase}.accumulate micro-batches of batch_size / (num_workers x accumulate) "
                     f"images per step)")
+        if self.pretrain.compile in ("reduce-overhead", "max-autotune") and self.pretrain.accumulate > 1:
+            raise ValueError(
+                f"pretrain.compile={self.pretrain.compile} (CUDA graphs) cannot be combined with pretrain.accumulate="
+                f"{self.pretrain.accumulate}: torch's CUDA graphs overwrite a micro-batch's gradients with the next "
+                f"one's instead of adding them (pytorch/pytorch#169545); use pretrain.compile=true or "
+                f"max-autotune-no-cudagraphs, or pretrain.accumulate=1 with more workers")
         return self
 
     # -- views ------------------------------------------------------------------------------
