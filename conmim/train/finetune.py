@@ -3,6 +3,7 @@ layer-wise lr decay, AdamW, cosine schedule, label smoothing, mixup/cutmix, Rand
 erasing; top-1 on the test and validation splits at the end."""
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
     t0 = time.time()
     f = cfg.finetune
     torch.manual_seed(cfg.seed + 1)
+    # Mixup/CutMix draw from numpy's global generator in this process, RandAugment and random erasing
+    # from Python's where the batch is made (here with data.num_workers=0; loader workers are seeded
+    # from torch's): seeded too, so that a seed gives the same fine-tuning, as the pairing of trials
+    # by seed assumes. Per worker, so that Ray Train workers do not draw the same augmentations.
+    np.random.seed([cfg.seed + 1, session.rank])
+    random.seed(f"finetune/{cfg.seed}/{session.rank}")
     splits = load_splits(cfg.data)
     train = splits["train"]
     if f.labels_per_class and not all_labels:
