@@ -57,8 +57,7 @@ def compiled_views(transform, compile_: bool | str):
 
 def mark_step_begin(compile_: bool | str) -> None:
     """Before each forward of a compiled step: with CUDA graphs ('reduce-overhead', 'max-autotune'),
-    the outputs of the previous replay may be overwritten from here on. Torch guesses the start of
-    an iteration from the backward having run; saying it costs nothing and leaves no guess (e.g.
-    when a trial's evaluation runs a forward without a backward between two steps)."""
+    the outputs of the previous replay may be overwritten from here on. Torch infers a new
+    iteration when no backward is pending; saying so costs nothing and does not rest on that."""
     if compile_ in ("reduce-overhead", "max-autotune"):
         torch.compiler.cudagraph_mark_step_begin()
