@@ -142,6 +142,10 @@ def main() -> int:
                 print(f"         top-1 test {ft['finetune_top1']:.3f}, val {ft['finetune_val_top1']:.3f}")
         if cuda:
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
+        if a.compile in ("reduce-overhead", "max-autotune"):  # (a fallback is silent but for this count)
+            from torch._dynamo.utils import counters
+            print(f"CUDA graphs skipped {counters['inductor']['cudagraph_skips']} times (0: every compiled graph "
+                  f"ran as a CUDA graph)")
     finally:
         dist.destroy_process_group()
     ok = bool(results) and all(r[1] for r in results) and len(results) >= 3

@@ -22,7 +22,7 @@ timeout 420 python3 benchmarks/gpu_step.py --batch 64 --steps 60 --workers 12 --
     --flex-attention --data /tmp/jpegs > "$OUT/gpu_step.txt" 2>&1
 echo "rc $?" >> "$OUT/gpu_step.txt"
 # 2. The paper-scale path under CUDA graphs, collectives on (DDP): pre-training, probes, fine-tuning.
-timeout 150 python3 benchmarks/gpu_check.py --compile reduce-overhead > "$OUT/gpu_check.txt" 2>&1
+TORCH_LOGS=cudagraphs timeout 150 python3 benchmarks/gpu_check.py --compile reduce-overhead > "$OUT/gpu_check.txt" 2>&1
 echo "rc $?" >> "$OUT/gpu_check.txt"
 tail -n 12 "$OUT/gpu_step.txt" "$OUT/gpu_check.txt"
 # If device time is left: a second call for `benchmarks/views.py` (the views eager against compiled,

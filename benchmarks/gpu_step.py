@@ -270,6 +270,35 @@ def flex_with_bias():
     return fn
 
 
+def cudagraph_skips():
+    """Counts the graphs Inductor ran without CUDA graphs under a CUDA-graph mode (e.g. "skipping
+    cudagraphs due to mutated inputs"), and keeps its reasons: a mode that silently fell back
+    would otherwise look like a mode that does not help."""
+    import logging
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_utils
+
+    class Skips(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages, self.start = [], 0
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+        def count(self) -> int:
+            return counters["inductor"]["cudagraph_skips"] - self.start
+
+        def clear(self):
+            self.messages.clear()
+            self.start = counters["inductor"]["cudagraph_skips"]
+
+    h = Skips()
+    h.clear()
+    cudagraph_utils.cudagraphs_log.addHandler(h)
+    return h
+
+
 def use_flex_attention() -> None:
     """From here on in this process, timm's BEiT attention computes its biased attention with
     FlexAttention (the bias as a score modification, its gradient through the captured tensor)
@@ -369,9 +398,10 @@ def main():
           f"{cfg.model.name} {cfg.model.img_size}^2", flush=True)
     peak = matmul_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, 8192 if dev.type == "cuda" else 1024)
     print(f"matmul peak       {peak / 1e12:.1f} TFLOP/s (measured here)", flush=True)
-    rows = []
+    rows, skipped = [], cudagraph_skips()
     for mode in modes:  # (one process: the same machine, the same JPEGs, for every mode)
         torch._dynamo.reset()  # (each mode compiles afresh, within Dynamo's recompile limit)
+        skipped.clear()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         cfg = config(root, a.batch, workers[0], 4, a.sets, mode)
@@ -392,6 +422,9 @@ def main():
             print_syncs("real loop", syncs, cfg.pretrain.epochs * (a.steps - 1))
             memory = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
             rows.append((cfg.pretrain.compile, w, alone, alone * per_image / peak, data, loop, loop / alone, memory))
+        if mode in ("reduce-overhead", "max-autotune"):  # (Inductor falls back without CUDA graphs, and says so only here)
+            print(f"CUDA graphs       skipped {skipped.count()} times in this mode" +
+                  "".join(f"\n    {m}" for m in sorted(set(skipped.messages))[:8]), flush=True)
     print("\n| pretrain.compile | workers | step alone, images/s | MFU | data alone | real loop | real / alone | "
           "peak GiB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -328,6 +328,7 @@ def test_gpu_step_script_runs_on_the_cpu():
                                                           ("reduce-overhead", "0")], p.stdout
     assert all(float(r[3]) > 0 for r in ratios)  # (a ratio of a few steps is noise)
     assert "step alone" in p.stdout and "MFU" in p.stdout
+    assert p.stdout.count("CUDA graphs       skipped") == 1  # (reported for the CUDA-graph mode only; off a GPU: skipped)
 
 
 def test_views_benchmark_runs_and_the_compiled_views_are_the_eager_ones():
