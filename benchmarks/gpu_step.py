@@ -225,14 +225,13 @@ def attention_backends(dev, B=64, H=12, N=197, d=64, iters=20):
     def explicit(q, k, v, bias):
         return ((q * d ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1) @ v
 
-    flex = flex_with_bias()
-
     variants = {name: (lambda b=b: sdpa_kernel([b])) for name, b in (
         ("mem-efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
         ("math", SDPBackend.MATH))}
     ref = None
     for name in [*variants, "explicit, compiled", "flex, compiled"]:
-        fn = torch.compile(explicit) if name == "explicit, compiled" else flex if name == "flex, compiled" else \
+        fn = torch.compile(explicit) if name == "explicit, compiled" else \
+            torch.compile(flex_biased_attention) if name == "flex, compiled" else \
             (lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, attn_mask=b))
         ctx = variants.get(name, lambda: torch.enable_grad())
         try:
@@ -258,16 +257,15 @@ def attention_backends(dev, B=64, H=12, N=197, d=64, iters=20):
               f"(out, dq, dk, dv, dbias) {err:.1e}", flush=True)
 
 
-def flex_with_bias():
-    """FlexAttention (a kernel Inductor writes for this score modification) with BEiT's bias added
-    to the scores; the bias [1, H, N, N] gets its gradient through the captured tensor."""
+def flex_biased_attention(q, k, v, bias):
+    """Attention with BEiT's bias added to the scores, by FlexAttention (a kernel Inductor writes for
+    this score modification when compiled); the bias, [H, N, N] or [1, H, N, N] shared by the batch
+    or [B, H, N, N], gets its gradient through the captured tensor."""
     from torch.nn.attention.flex_attention import flex_attention
-    attend = torch.compile(flex_attention)
-
-    def fn(q, k, v, bias):
-        table = bias[0]
-        return attend(q, k, v, score_mod=lambda score, b, h, i, j: score + table[h, i, j])
-    return fn
+    if bias.dim() == 3 or bias.shape[0] == 1:
+        table = bias.reshape(bias.shape[-3:])
+        return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + table[h, i, j])
+    return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + bias[b, h, i, j])
 
 
 def cudagraph_skips():
@@ -307,16 +305,12 @@ def use_flex_attention() -> None:
     import types
     import timm.models.beit as beit
     import torch.nn.functional as F
-    from torch.nn.attention.flex_attention import flex_attention
     sdpa = F.scaled_dot_product_attention
 
     def attention(q, k, v, attn_mask=None, dropout_p=0.0, **kw):
         if attn_mask is None or dropout_p or kw:
             return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, **kw)
-        if attn_mask.dim() == 3 or attn_mask.shape[0] == 1:  # [H, N, N] or [1, H, N, N]: shared by the batch
-            table = attn_mask.reshape(attn_mask.shape[-3:])
-            return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + table[h, i, j])
-        return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + attn_mask[b, h, i, j])
+        return flex_biased_attention(q, k, v, attn_mask)
 
     proxy = types.ModuleType("torch.nn.functional")
     proxy.__dict__.update(F.__dict__)
