@@ -84,6 +84,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from conmim.config import load_config
+    from conmim.config.experiment import CUDA_GRAPH_MODES
     from conmim.data.sources import load_splits
     from conmim.train.build import build_encoder
     from conmim.train.evaluate import probes
@@ -142,7 +143,7 @@ def main() -> int:
                 print(f"         top-1 test {ft['finetune_top1']:.3f}, val {ft['finetune_val_top1']:.3f}")
         if cuda:
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
-        if a.compile in ("reduce-overhead", "max-autotune"):  # (a fallback is silent but for this count)
+        if cfg.pretrain.compile in CUDA_GRAPH_MODES:  # (a fallback is silent but for this count)
             from torch._dynamo.utils import counters
             print(f"CUDA graphs skipped {counters['inductor']['cudagraph_skips']} times (0: every compiled graph "
                   f"ran as a CUDA graph)")

@@ -385,6 +385,7 @@ def main():
     t0 = time.perf_counter()
     root = jpeg_folder(Path(a.data) if a.data else Path(tempfile.mkdtemp(prefix="conmim-jpegs-")), a.steps * a.batch)
     print(f"  ({a.steps * a.batch} JPEGs in {root}: {time.perf_counter() - t0:.1f} s)", flush=True)
+    from conmim.config.experiment import CUDA_GRAPH_MODES
     workers, modes = [int(w) for w in a.workers.split(",")], a.compile.split(",")
     cfg = config(root, a.batch, workers[0], 4, a.sets, modes[0])
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
@@ -416,7 +417,7 @@ def main():
             print_syncs("real loop", syncs, cfg.pretrain.epochs * (a.steps - 1))
             memory = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
             rows.append((cfg.pretrain.compile, w, alone, alone * per_image / peak, data, loop, loop / alone, memory))
-        if mode in ("reduce-overhead", "max-autotune"):  # (Inductor falls back without CUDA graphs, and says so only here)
+        if cfg.pretrain.compile in CUDA_GRAPH_MODES:  # (Inductor falls back without CUDA graphs, and says so only here)
             print(f"CUDA graphs       skipped {skipped.count()} times in this mode" +
                   "".join(f"\n    {m}" for m in sorted(set(skipped.messages))[:8]), flush=True)
     print("\n| pretrain.compile | workers | step alone, images/s | MFU | data alone | real loop | real / alone | "

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 
 def cases(batch: int, dev):
-    """(name, uint8 batch, the TwoViewTransform of its preset, crop size): Fashion-MNIST's grey
+    """(name, uint8 batch, the TwoViewTransform of its preset): Fashion-MNIST's grey
     28² (one channel broadcast to three) and ImageNet's RGB at 224² already cropped by the loader."""
     from conmim.config import load_config
     from conmim.data.transforms import TwoViewTransform

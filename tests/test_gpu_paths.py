@@ -347,7 +347,7 @@ def test_gpu_steps_flex_attention_computes_beits_attention(monkeypatch):
     forward: a BEiT with the shared relative position bias (as pre-trained) and one with a bias
     per block (as fine-tuned) give the same tokens as with SDPA."""
     import timm.models.beit as beit
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     monkeypatch.setattr(beit, "F", beit.F)  # (restored after the test: the patch replaces it)
     import gpu_step
     cfg = load_config("vit-b16-imagenet", ["data.root=/nonexistent", "model.img_size=32", "model.patch_size=8",

@@ -86,6 +86,10 @@ class ObjectiveConfig(Strict):
     )
 
 
+# the modes of pretrain.compile that replay the step as CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 class PretrainConfig(Strict):
     enabled: bool = Field(True, description="false = the paper's 'from scratch' row: fine-tune a random encoder")
     epochs: int = Field(300, ge=0)
@@ -211,7 +215,7 @@ class ExperimentConfig(Strict):
                     f"{phase}.accumulate={p.accumulate} = {w * p.accumulate} (it is the global batch; each worker "
                     f"computes {phase}.accumulate micro-batches of batch_size / (num_workers x accumulate) "
                     f"images per step)")
-        if self.pretrain.compile in ("reduce-overhead", "max-autotune") and self.pretrain.accumulate > 1:
+        if self.pretrain.compile in CUDA_GRAPH_MODES and self.pretrain.accumulate > 1:
             raise ValueError(
                 f"pretrain.compile={self.pretrain.compile} (CUDA graphs) cannot be combined with pretrain.accumulate="
                 f"{self.pretrain.accumulate}: torch's CUDA graphs overwrite a micro-batch's gradients with the next "

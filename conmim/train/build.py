@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conmim.config.experiment import ExperimentConfig
+from conmim.config.experiment import CUDA_GRAPH_MODES, ExperimentConfig
 from conmim.data.masking import create_mask_generator, loss_rows
 from conmim.method.conmim import ConMIM
 from conmim.method.heads import EncoderWithProjector, Projector
@@ -59,5 +59,5 @@ def mark_step_begin(compile_: bool | str) -> None:
     """Before each forward of a compiled step: with CUDA graphs ('reduce-overhead', 'max-autotune'),
     the outputs of the previous replay may be overwritten from here on. Torch infers a new
     iteration when no backward is pending; saying so costs nothing and does not rest on that."""
-    if compile_ in ("reduce-overhead", "max-autotune"):
+    if compile_ in CUDA_GRAPH_MODES:
         torch.compiler.cudagraph_mark_step_begin()
