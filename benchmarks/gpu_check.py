@@ -71,6 +71,37 @@ def phase(name: str, fn, images: int, results: list) -> object:
     return out
 
 
+def flex_matches_sdpa(cfg, device: str, batch: int = 8) -> str:
+    """``pretrain.attention=flex``: the compiled encoder's forward and backward (bf16 autocast, as
+    pre-training runs it) against timm's SDPA, eager, from the same weights: the tokens and the
+    gradients of the relative position bias table and the first block's qkv weight. No CPU test can
+    check that gradient (FlexAttention has no backward on the CPU); off a GPU both sides are SDPA."""
+    from conmim.train.build import build_encoder
+    torch.manual_seed(0)
+    flex = build_encoder(cfg).to(device)
+    sdpa = build_encoder(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"attention": "sdpa"})}))
+    for name, p in flex.named_parameters():
+        if name.endswith(("relative_position_bias_table", "q_bias", "v_bias")):  # (zero-initialised: a bias that shows)
+            torch.nn.init.normal_(p, std=0.5)
+    sdpa.load_state_dict(flex.state_dict())
+    sdpa.to(device)
+    S, P = cfg.model.img_size, cfg.model.grid ** 2
+    x = torch.randn(batch, 3, S, S, device=device)
+    mask = torch.rand(batch, P, device=device) < 0.4
+    g = torch.randn(batch, P + 1, flex.embed_dim, device=device)
+    outs, grads = [], []
+    for enc, fn in ((sdpa, sdpa), (flex, torch.compile(flex))):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            out = fn(x, mask)
+        (out.float() * g).sum().backward()
+        outs.append(out.float())
+        grads.append([p.grad.float() for n, p in enc.named_parameters()
+                      if n in ("vit.rel_pos_bias.relative_position_bias_table", "vit.blocks.0.attn.qkv.weight")])
+    errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip([outs[1], *grads[1]], [outs[0], *grads[0]])]
+    assert len(errors) == 3 and max(errors) < 0.05, f"FlexAttention differs from SDPA: {errors}"
+    return "tokens, bias-table gradient, qkv gradient: max rel. difference " + ", ".join(f"{e:.1e}" for e in errors)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo, to check the script itself)")
@@ -123,6 +154,9 @@ def main() -> int:
         pre_session = LocalSession(work / "run", "pretrain", device, force_collectives=True)
         ft_session = LocalSession(work / "run", "finetune", device, force_collectives=True)
         steps = n_train // a.batch
+        if cfg.pretrain.attention == "flex":
+            flex = phase("attention", lambda: flex_matches_sdpa(cfg, device), 8, results)
+            print(f"         {flex}" if flex else "", flush=True)
         pre = phase("pretrain", lambda: pretrain(cfg, pre_session), steps * a.batch, results)
         if pre is not None:
             encoder = pre["net"].encoder(cfg.finetune.encoder)

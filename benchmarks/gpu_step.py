@@ -7,7 +7,8 @@ measured in the same run.
 For a bare GPU box: torch, timm, pydantic and pyyaml are enough (it imports `conmim` from the
 checkout; no Ray, no MLflow).
 
-    python benchmarks/gpu_step.py [--batch 64] [--steps 30] [--workers 12[,8...]] [--compile [MODE]] [--profile] [--data DIR]
+    python benchmarks/gpu_step.py [--batch 64] [--steps 30] [--workers 12[,8...]] [--compile [MODE[,MODE]]]
+        [--pretrain-attention flex,sdpa] [--profile] [--data DIR]
     python benchmarks/gpu_step.py --flops-only     # no GPU: FLOPs per image and the paper-scale cost
 """
 from __future__ import annotations
@@ -28,13 +29,13 @@ import torch.nn as nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 
-def config(root: Path, batch: int, workers: int, epochs: int, sets: list[str], compile_: str):
+def config(root: Path, batch: int, workers: int, epochs: int, sets: list[str], compile_: str, attention: str = "sdpa"):
     from conmim.config import load_config
     return load_config("vit-b16-imagenet", [
         f"data.root={root}", "data.val_size=8", f"data.num_workers={workers}", f"pretrain.epochs={epochs}",
         f"pretrain.batch_size={batch}", f"pretrain.lr_batch_size={batch}", "pretrain.warmup_epochs=0",
         "pretrain.checkpoint_every=1000", "eval.proxy_every=0", "resources.num_workers=1",
-        f"pretrain.compile={compile_}", *sets], check_paths=False)
+        f"pretrain.compile={compile_}", f"pretrain.attention={attention}", *sets], check_paths=False)
 
 
 def step_alone(cfg, dev, steps: int, profile: bool = False):
@@ -217,6 +218,7 @@ def attention_backends(dev, B=64, H=12, N=197, d=64, iters=20):
     backward per SDPA backend, and how far each is from the memory-efficient kernel (the default)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+    from conmim.method.attention import flex_biased_attention
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(B, H, N, d, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
     bias = (torch.randn(1, H, N, N, device=dev, dtype=torch.bfloat16, generator=g) * 0.5).requires_grad_()
@@ -257,17 +259,6 @@ def attention_backends(dev, B=64, H=12, N=197, d=64, iters=20):
               f"(out, dq, dk, dv, dbias) {err:.1e}", flush=True)
 
 
-def flex_biased_attention(q, k, v, bias):
-    """Attention with BEiT's bias added to the scores, by FlexAttention (a kernel Inductor writes for
-    this score modification when compiled); the bias, [H, N, N] or [1, H, N, N] shared by the batch
-    or [B, H, N, N], gets its gradient through the captured tensor."""
-    from torch.nn.attention.flex_attention import flex_attention
-    if bias.dim() == 3 or bias.shape[0] == 1:
-        table = bias.reshape(bias.shape[-3:])
-        return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + table[h, i, j])
-    return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + bias[b, h, i, j])
-
-
 def cudagraph_skips():
     """Counts the graphs Inductor ran without CUDA graphs under a CUDA-graph mode (e.g. "skipping
     cudagraphs due to mutated inputs"), and keeps its reasons: a mode that silently fell back
@@ -295,27 +286,6 @@ def cudagraph_skips():
     h.clear()
     cudagraph_utils.cudagraphs_log.addHandler(h)
     return h
-
-
-def use_flex_attention() -> None:
-    """From here on in this process, timm's BEiT attention computes its biased attention with
-    FlexAttention (the bias as a score modification, its gradient through the captured tensor)
-    instead of SDPA's memory-efficient kernel: to measure what the step's MFU would gain before
-    the model takes it. Calls without a bias, or with dropout, stay SDPA."""
-    import types
-    import timm.models.beit as beit
-    import torch.nn.functional as F
-    sdpa = F.scaled_dot_product_attention
-
-    def attention(q, k, v, attn_mask=None, dropout_p=0.0, **kw):
-        if attn_mask is None or dropout_p or kw:
-            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, **kw)
-        return flex_biased_attention(q, k, v, attn_mask)
-
-    proxy = types.ModuleType("torch.nn.functional")
-    proxy.__dict__.update(F.__dict__)
-    proxy.scaled_dot_product_attention = attention
-    beit.F = proxy
 
 
 def sync(dev):
@@ -364,9 +334,9 @@ def main():
                     help="run the real loop again with the views' constants copied from the host per step")
     ap.add_argument("--loop-profile", action="store_true", help="also profile 10 steps of the real loop")
     ap.add_argument("--attention", action="store_true", help="only: BEiT's attention per SDPA backend")
-    ap.add_argument("--flex-attention", action="store_true",
-                    help="then the step alone once more, in the first compiled mode given, with BEiT's attention as "
-                    "FlexAttention")
+    ap.add_argument("--pretrain-attention", default="sdpa", metavar="IMPL[,IMPL]",
+                    help="pretrain.attention: sdpa (default) or flex (FlexAttention, compiled modes only); several, "
+                    "comma-separated: each compile mode measured with each, in this order (e.g. flex,sdpa)")
     ap.add_argument("--data", help="folder for the JPEG ImageFolder (reused if it holds enough images)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to check the script itself")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override (e.g. for a CPU check)")
@@ -394,48 +364,47 @@ def main():
     peak = matmul_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, 8192 if dev.type == "cuda" else 1024)
     print(f"matmul peak       {peak / 1e12:.1f} TFLOP/s (measured here)", flush=True)
     rows, skipped = [], cudagraph_skips()
-    for mode in modes:  # (one process: the same machine, the same JPEGs, for every mode)
-        torch._dynamo.reset()  # (each mode compiles afresh, within Dynamo's recompile limit)
+    header = ("| pretrain.compile | attention | workers | step alone, images/s | MFU | data alone | real loop | "
+              "real / alone | peak GiB |\n|---|---|---|---|---|---|---|---|---|")
+    variants = [(m, i) for m in modes for i in a.pretrain_attention.split(",") if not (i == "flex" and m == "false")]
+    for mode, impl in variants:  # (one process: the same machine, the same JPEGs, for every variant)
+        torch._dynamo.reset()  # (each compiles afresh, within Dynamo's recompile limit)
         skipped.clear()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        cfg = config(root, a.batch, workers[0], 4, a.sets, mode)
-        print(f"-- pretrain.compile={cfg.pretrain.compile}", flush=True)
-        (alone, flops), syncs = host_syncs(lambda: step_alone(cfg, dev, a.steps, a.profile), dev)
+        cfg = config(root, a.batch, workers[0], 4, a.sets, mode, impl)
+        print(f"-- pretrain.compile={cfg.pretrain.compile}, pretrain.attention={impl}", flush=True)
+        got = attempt("step alone", lambda: host_syncs(lambda: step_alone(cfg, dev, a.steps, a.profile), dev))
+        if got is None:
+            continue
+        (alone, flops), syncs = got
         per_image = flops / a.batch
         print(f"model FLOPs/image {per_image / 1e9:.1f} GFLOP", flush=True)
         print(f"step alone        {alone:8.1f} images/s  (MFU {alone * per_image / peak:.3f})", flush=True)
         print_syncs("step alone", syncs, a.steps + 6)
         for w in workers:
-            cfg = config(root, a.batch, w, 4, a.sets, mode)
-            data = data_alone(cfg, dev, 2 * a.steps)
+            cfg = config(root, a.batch, w, 4, a.sets, mode, impl)
+            data = attempt("data alone", lambda: data_alone(cfg, dev, 2 * a.steps))
+            if data is None:
+                continue
             print(f"data alone        {data:8.1f} images/s  (data.num_workers={w}: loader workers + copy + views on the "
                   f"device, no step)", flush=True)
-            loop, syncs = host_syncs(lambda: real_loop(cfg, dev), dev)
+            got = attempt("real loop", lambda: host_syncs(lambda: real_loop(cfg, dev), dev))
+            if got is None:
+                continue
+            loop, syncs = got
             print(f"real loop         {loop:8.1f} images/s  (data.num_workers={w}, JPEG ImageFolder)", flush=True)
             print(f"real / alone      {loop / alone:.3f}  (data.num_workers={w})", flush=True)
             print_syncs("real loop", syncs, cfg.pretrain.epochs * (a.steps - 1))
             memory = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
-            rows.append((cfg.pretrain.compile, w, alone, alone * per_image / peak, data, loop, loop / alone, memory))
+            rows.append((cfg.pretrain.compile, impl, w, alone, alone * per_image / peak, data, loop, loop / alone, memory))
+            print(header.split("\n")[0] + "\n" + row(rows[-1]), flush=True)  # (each as it comes: a timeout keeps them)
         if cfg.pretrain.compile in CUDA_GRAPH_MODES:  # (Inductor falls back without CUDA graphs, and says so only here)
-            print(f"CUDA graphs       skipped {skipped.count()} times in this mode" +
+            print(f"CUDA graphs       skipped {skipped.count()} times in this variant" +
                   "".join(f"\n    {m}" for m in sorted(set(skipped.messages))[:8]), flush=True)
-    print("\n| pretrain.compile | workers | step alone, images/s | MFU | data alone | real loop | real / alone | "
-          "peak GiB |\n|---|---|---|---|---|---|---|---|")
+    print("\n" + header)
     for r in rows:
-        print("| {} | {} | {:.1f} | {:.3f} | {:.0f} | {:.1f} | **{:.3f}** | {:.1f} |".format(*r), flush=True)
-    if a.flex_attention:  # (after the rest: the patch stays for the process)
-        use_flex_attention()
-        for mode in [m for m in modes if m != "false"][:1]:  # (the first compiled mode: a compile costs a minute)
-            torch._dynamo.reset()
-            cfg = config(root, a.batch, workers[0], 4, a.sets, mode)
-            try:
-                alone_flex, flops = step_alone(cfg, dev, a.steps)
-            except Exception as e:  # noqa: BLE001 - e.g. no backward for a captured tensor in this torch
-                print(f"step alone, FlexAttention, pretrain.compile={mode}: failed: {str(e).splitlines()[0][:200]}")
-                continue
-            print(f"step alone, FlexAttention for BEiT's biased attention, pretrain.compile={mode}: {alone_flex:.1f} "
-                  f"images/s (MFU {alone_flex * flops / a.batch / peak:.3f})", flush=True)
+        print(row(r), flush=True)
     if a.compare_host_copies:
         from conmim.data import constants
         cached, constants._ON_DEVICE = constants._ON_DEVICE, _NoCache()
@@ -446,6 +415,22 @@ def main():
         print_syncs("loop with host copies", syncs, cfg.pretrain.epochs * (a.steps - 1))
     if a.loop_profile:  # (a run of its own: the profiler slows the host)
         real_loop(cfg, dev, profile=True)
+
+
+def attempt(what: str, fn):
+    """fn(), or None once it has said why it failed (e.g. a kernel this torch cannot build), so that
+    one variant failing leaves the others of the same call measured."""
+    import traceback
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        tb = traceback.format_exc().strip().splitlines()
+        print(f"{what} failed: {type(e).__name__}\n    " + "\n    ".join(tb[-12:]), flush=True)
+        return None
+
+
+def row(r: tuple) -> str:
+    return "| {} | {} | {} | {:.1f} | {:.3f} | {:.0f} | {:.1f} | **{:.3f}** | {:.1f} |".format(*r)
 
 
 def print_syncs(what: str, places: dict, steps: int):

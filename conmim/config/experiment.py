@@ -112,6 +112,11 @@ class PretrainConfig(Strict):
         "loop the host cannot keep fed), 'max-autotune' (also tunes the matmuls, minutes of compilation; CUDA graphs "
         "too), 'max-autotune-no-cudagraphs'. Off a GPU the CUDA graphs are skipped; with accumulate > 1 they are refused "
         "(torch's CUDA graphs do not add up micro-batches' gradients)")
+    attention: Literal["sdpa", "flex"] = Field(
+        "sdpa", description="how the compiled step computes BEiT's attention with its relative position bias: 'sdpa' "
+        "(torch's memory-efficient kernel, which takes the bias as a dense mask) or 'flex' (FlexAttention: the bias "
+        "added to the scores inside a kernel Inductor writes for it). The same maths; 'flex' needs pretrain.compile and a "
+        "BEiT with model.shared_rel_pos_bias=true, and runs on a GPU only (elsewhere, and uncompiled, SDPA)")
     sync_bn: bool = Field(False, description="SyncBatchNorm in the projectors (the reference uses per-worker BN)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     log_every: int = Field(0, ge=0, description="steps between reading the loss statistics back from the device "
@@ -221,6 +226,13 @@ class ExperimentConfig(Strict):
                 f"{self.pretrain.accumulate}: torch's CUDA graphs overwrite a micro-batch's gradients with the next "
                 f"one's instead of adding them (pytorch/pytorch#169545); use pretrain.compile=true or "
                 f"max-autotune-no-cudagraphs, or pretrain.accumulate=1 with more workers")
+        if self.pretrain.attention == "flex" and not (self.pretrain.compile is not False and self.model.shared_rel_pos_bias
+                                                      and self.model.name.startswith(("beit_", "beitv2_"))):
+            raise ValueError(
+                f"pretrain.attention=flex needs pretrain.compile on (it is {self.pretrain.compile}) and a BEiT with a "
+                f"relative position bias, model.name=beit_* and model.shared_rel_pos_bias=true (they are "
+                f"{self.model.name} and {self.model.shared_rel_pos_bias}): FlexAttention computes that bias inside a "
+                f"compiled kernel, and anything else would run SDPA unchanged; use pretrain.attention=sdpa")
         return self
 
     # -- views ------------------------------------------------------------------------------
@@ -275,10 +287,18 @@ def canonical(cfg: ExperimentConfig) -> ExperimentConfig:
     return ExperimentConfig.model_validate(d)
 
 
+# knobs added after ids were in use: left out of the id at their default, so the trials of a sweep
+# begun before keep their ids and resume instead of running again
+ADDED_LATER = {("pretrain", "attention"): "sdpa"}
+
+
 def canonical_hash(cfg: ExperimentConfig) -> str:
     """Stable id of the experiment a config describes (resources do not change the experiment)."""
     d = canonical(cfg).to_dict()
     d.pop("resources")
+    for (section, key), default in ADDED_LATER.items():
+        if d[section][key] == default:
+            del d[section][key]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conmim.method.attention import use_flex_attention
+
 
 class MaskedViT(nn.Module):
     """Any timm ViT (``vit_*``/``deit_*``) or BEiT (``beit_*``) by name; masked patch embeddings
@@ -19,11 +21,15 @@ class MaskedViT(nn.Module):
     ``for_finetune`` builds the classification encoder of the reference's fine-tuning model:
     no final per-token LayerNorm (mean pooling is followed by the classifier's own ``fc_norm``
     instead), and a BEiT with a shared relative position bias gets one table per block, filled
-    from the shared one by :meth:`load_pretrained`, so each is decayed with its own block."""
+    from the shared one by :meth:`load_pretrained`, so each is decayed with its own block.
+
+    ``attention="flex"``: a BEiT's biased attention is FlexAttention when compiled on a GPU
+    (:mod:`conmim.method.attention`); the same parameters and maths as ``"sdpa"``."""
 
     def __init__(self, name: str, img_size: int, patch_size: int, *, embed_dim: Optional[int] = None,
                  depth: Optional[int] = None, num_heads: Optional[int] = None, layer_scale_init: Optional[float] = None,
-                 shared_rel_pos_bias: bool = False, drop_path: float = 0.0, for_finetune: bool = False):
+                 shared_rel_pos_bias: bool = False, drop_path: float = 0.0, for_finetune: bool = False,
+                 attention: str = "sdpa"):
         super().__init__()
         kw = dict(pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size,
                   drop_path_rate=drop_path, global_pool="")  # "": the final norm is `norm`, not `fc_norm`
@@ -44,6 +50,8 @@ class MaskedViT(nn.Module):
                 setattr(self.vit, name, nn.Identity())
         if for_finetune:
             self.vit.norm = nn.Identity()
+        if attention == "flex" and not (self.is_beit and use_flex_attention(self.vit)):
+            raise ValueError(f"attention='flex' is for BEiT models' biased attention; {name} has none")
         self.embed_dim = self.vit.embed_dim
         self.num_patches = self.vit.patch_embed.num_patches
         self.depth = len(self.vit.blocks)

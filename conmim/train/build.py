@@ -12,10 +12,12 @@ from conmim.method.vit import MaskedViT
 
 
 def build_encoder(cfg: ExperimentConfig, drop_path: float = 0.0, for_finetune: bool = False) -> MaskedViT:
+    """The encoder of pre-training, or of fine-tuning (which runs uncompiled: SDPA's attention)."""
     m = cfg.model
     return MaskedViT(m.name, m.img_size, m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
                      layer_scale_init=m.layer_scale_init, shared_rel_pos_bias=m.shared_rel_pos_bias,
-                     drop_path=drop_path, for_finetune=for_finetune)
+                     drop_path=drop_path, for_finetune=for_finetune,
+                     attention="sdpa" if for_finetune else cfg.pretrain.attention)
 
 
 def mask_generator(cfg: ExperimentConfig):

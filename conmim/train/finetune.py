@@ -98,7 +98,7 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
         from PIL import Image
         x = train.batch(index, cfg.model.img_size)
         if randaug is not None:
-            x = torch.stack([torch.from_numpy(np.asarray(randaug(Image.fromarray(im.permute(1, 2, 0).numpy())))).permute(2, 0, 1)
+            x = torch.stack([torch.from_numpy(np.array(randaug(Image.fromarray(im.permute(1, 2, 0).numpy())))).permute(2, 0, 1)
                              for im in x])
         x = tf(x, ep, index)
         if erase is not None:
