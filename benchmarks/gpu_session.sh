@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 # 1. The candidate configuration, CUDA graphs (reduce-overhead) with FlexAttention for BEiT's biased
 #    attention, then CUDA graphs with SDPA's attention, in one process: the step alone (MFU) and the
 #    real loop (12 loader workers), ~2 min each (a minute of compilation for each).
-timeout 300 python3 benchmarks/gpu_step.py --batch 64 --steps 60 --workers 12 --compile reduce-overhead \
+timeout 330 python3 benchmarks/gpu_step.py --batch 64 --steps 60 --workers 12 --compile reduce-overhead \
     --pretrain-attention flex,sdpa --data /tmp/jpegs > "$OUT/gpu_step.txt" 2>&1
 echo "rc $?" >> "$OUT/gpu_step.txt"
 # 2. The paper-scale path with that configuration, collectives on (DDP): FlexAttention's gradients
