@@ -9,6 +9,7 @@ import torch.nn as nn
 from conmim.config import ConfigError, canonical, canonical_hash, load_config
 from conmim.method import attention
 from conmim.method.attention import FlexBiasedAttention, use_flex_attention
+from conmim.method.vit import MaskedViT
 from conmim.train.build import build_encoder
 
 
@@ -99,3 +100,5 @@ def test_flex_attention_is_checked_and_keeps_the_ids_of_sdpa():
         assert "pretrain.attention=flex" in str(e.value) and named in str(e.value)
     with pytest.raises(ConfigError, match="model.name"):
         load_config("tiny", ["pretrain.compile=true", "pretrain.attention=flex"])
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224 has none"):  # (the encoder itself, built without a config)
+        MaskedViT("vit_tiny_patch16_224", 32, 8, depth=1, attention="flex")

@@ -32,11 +32,12 @@ class FlexBiasedAttention(BeitAttention):
     encoder eagerly), and it has no backward on the CPU."""
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (self.relative_position_bias_table is None and shared_rel_pos_bias is None) \
+                or (self.training and self.attn_drop.p) or not self.use_flex(x):
+            return super().forward(x, shared_rel_pos_bias)  # (no bias: SDPA's flash kernel already)
         bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
         if shared_rel_pos_bias is not None:
             bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
-        if bias is None or (self.training and self.attn_drop.p) or not self.use_flex(x):
-            return super().forward(x, shared_rel_pos_bias)
         B, N, C = x.shape
         qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (qkv_bias_separate adds the same bias after: equal)

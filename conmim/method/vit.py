@@ -45,9 +45,9 @@ class MaskedViT(nn.Module):
             raise ValueError(f"model.name: {e}") from None
         # parts of the timm model this forward never uses (pooling head): drop them, so that DDP
         # sees no parameter without a gradient
-        for name in ("fc_norm", "head", "head_drop", "attn_pool"):
-            if isinstance(getattr(self.vit, name, None), nn.Module):
-                setattr(self.vit, name, nn.Identity())
+        for part in ("fc_norm", "head", "head_drop", "attn_pool"):
+            if isinstance(getattr(self.vit, part, None), nn.Module):
+                setattr(self.vit, part, nn.Identity())
         if for_finetune:
             self.vit.norm = nn.Identity()
         if attention == "flex" and not (self.is_beit and use_flex_attention(self.vit)):
