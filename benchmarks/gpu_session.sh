@@ -27,7 +27,14 @@ echo "rc $?" >> "$OUT/gpu_step.txt"
 TORCH_LOGS=cudagraphs timeout 200 python3 benchmarks/gpu_check.py --compile reduce-overhead \
     --set pretrain.attention=flex > "$OUT/gpu_check.txt" 2>&1
 echo "rc $?" >> "$OUT/gpu_check.txt"
-# 3. With what is left: Inductor's default mode and SDPA (the configuration of the earlier H200 calls),
+# 3. If more than 90 s are left: BEiT's attention alone, per kernel (memory-efficient SDPA, cuDNN, math,
+#    explicit compiled, FlexAttention compiled), forward + backward with the bias's gradient, and each
+#    one's gradients against the memory-efficient kernel's: why part 1's flex rows are faster or not.
+if [ $((570 - SECONDS)) -gt 90 ]; then
+    timeout 60 python3 benchmarks/gpu_step.py --attention > "$OUT/attention.txt" 2>&1
+    echo "rc $?" >> "$OUT/attention.txt"
+fi
+# 4. With what is left: Inductor's default mode and SDPA (the configuration of the earlier H200 calls),
 #    on the same machine, for the spread between machines.
 left=$((570 - SECONDS))
 if [ "$left" -gt 120 ]; then
@@ -36,5 +43,6 @@ if [ "$left" -gt 120 ]; then
     echo "rc $?" >> "$OUT/gpu_step_default.txt"
 fi
 tail -n 12 "$OUT"/gpu_step*.txt "$OUT/gpu_check.txt"
+cat "$OUT/attention.txt" 2>/dev/null
 # If device time is left: a second call for `benchmarks/views.py` (the views eager against compiled,
 # <= 60 s) and `gpu_step.py --workers 8 --compile reduce-overhead --pretrain-attention flex` (fewer loader workers).
