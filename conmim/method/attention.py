@@ -16,13 +16,11 @@ from timm.models.beit import Attention as BeitAttention
 
 def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v by FlexAttention. ``bias``: [H, N, N] or [1, H, N, N], shared
-    by the batch, or [B, H, N, N]; it gets its gradient through the tensor the score modification
-    captures."""
+    by the batch as BEiT's is (a per-image bias fails the reshape); it gets its gradient through the
+    tensor the score modification captures."""
     from torch.nn.attention.flex_attention import flex_attention
-    if bias.dim() == 3 or bias.shape[0] == 1:
-        table = bias.reshape(bias.shape[-3:])
-        return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + table[h, i, j])
-    return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + bias[b, h, i, j])
+    table = bias.reshape(bias.shape[-3:])
+    return flex_attention(q, k, v, score_mod=lambda score, b, h, i, j: score + table[h, i, j])
 
 
 class FlexBiasedAttention(BeitAttention):
