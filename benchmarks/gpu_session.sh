@@ -4,6 +4,10 @@
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl
 # timm==1.0.31 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-extensions typing-inspection` here).
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# A second call, when the first left MFU short of 0.40 (max-autotune: CUDA graphs, and Inductor's
+# GEMM templates tuned, with GELU and LayerNorm fused into their epilogues; minutes of compilation):
+#   run(command="LIMIT=<timeout_s - 30> bash benchmarks/gpu_session.sh autotune", carry=[".whl"], timeout_s=<what is left>)
+# with ATTENTION=sdpa in front if the first call's flex rows failed or were slower.
 # Each part writes its own file under $OUT as it goes, so a part cut off by its timeout still
 # returns what it printed.
 set -u
@@ -15,6 +19,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+if [ "${1:-}" = autotune ]; then
+    # One variant only: its compilation takes most of a call. 30 s are kept for the copy back.
+    timeout $((${LIMIT:-570} - 30 - SECONDS)) python3 benchmarks/gpu_step.py --batch 64 --steps 60 --workers 12 \
+        --compile max-autotune --pretrain-attention "${ATTENTION:-flex}" --data /tmp/jpegs > "$OUT/gpu_step_autotune.txt" 2>&1
+    echo "rc $?" >> "$OUT/gpu_step_autotune.txt"
+    tail -n 12 "$OUT/gpu_step_autotune.txt"
+    exit 0
+elif [ -n "${1:-}" ]; then
+    echo "gpu_session.sh: unknown part '$1' (allowed: none for the first call, 'autotune' for the second)" >&2
+    exit 2
+fi
 # In order of what issue 14 needs, each part with what is left of ~570 s:
 # 1. The candidate configuration, CUDA graphs (reduce-overhead) with FlexAttention for BEiT's biased
 #    attention, then CUDA graphs with SDPA's attention, in one process: the step alone (MFU) and the
@@ -44,5 +59,6 @@ if [ "$left" -gt 120 ]; then
 fi
 tail -n 12 "$OUT"/gpu_step*.txt "$OUT/gpu_check.txt"
 cat "$OUT/attention.txt" 2>/dev/null
-# If device time is left: a second call for `benchmarks/views.py` (the views eager against compiled,
-# <= 60 s) and `gpu_step.py --workers 8 --compile reduce-overhead --pretrain-attention flex` (fewer loader workers).
+# If device time is left and MFU stayed short of 0.40: the second call, `gpu_session.sh autotune` (above).
+# Else: `benchmarks/views.py` (the views eager against compiled, <= 60 s) and
+# `gpu_step.py --workers 8 --compile reduce-overhead --pretrain-attention flex` (fewer loader workers).

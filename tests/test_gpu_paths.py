@@ -341,6 +341,49 @@ def test_gpu_step_script_runs_on_the_cpu():
     assert p.stdout.count("CUDA graphs       skipped") == 2  # (reported for the CUDA-graph mode only; off a GPU: skipped)
 
 
+def test_gpu_session_script_runs_its_parts_in_order(tmp_path):
+    """benchmarks/gpu_session.sh, the prepared device call, with python3, timeout and nvidia-smi
+    replaced by shims that log their arguments: a mistake in it would cost a whole GPU draw. The
+    first call runs its four parts in the order issue 14 needs them; 'autotune' runs one
+    max-autotune variant within LIMIT, its attention from ATTENTION; anything else is refused."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    log = tmp_path / "log"
+    for name, body in {"python3": 'echo "python3 $*" >> "$LOG"',
+                       "timeout": 'echo "timeout $1" >> "$LOG"; shift; exec "$@"',
+                       "nvidia-smi": "echo 'NVIDIA H200, 143771 MiB, 570'"}.items():
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+
+    def session(*args, **env):
+        log.write_text("")
+        p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh"), *args], cwd=REPO,
+                           capture_output=True, text=True, timeout=60,
+                           env={"PATH": f"{bin_}:/usr/bin:/bin", "LOG": str(log), "OUT": str(tmp_path / "out"), **env})
+        calls = [l for l in log.read_text().splitlines() if "-m pip" not in l]  # (.whl/ is there or not)
+        return p, calls
+
+    p, calls = session()
+    assert p.returncode == 0, p.stderr
+    runs = [c for c in calls if c.startswith("python3")]
+    assert [c.split()[1] for c in runs] == ["benchmarks/gpu_step.py", "benchmarks/gpu_check.py",
+                                           "benchmarks/gpu_step.py", "benchmarks/gpu_step.py"], calls
+    assert "--compile reduce-overhead --pretrain-attention flex,sdpa" in runs[0]
+    assert "--compile reduce-overhead --set pretrain.attention=flex" in runs[1]
+    assert runs[2].endswith("--attention") and "--compile true" in runs[3]
+    assert calls[0] == "timeout 330" and (tmp_path / "out" / "gpu.txt").read_text().startswith("NVIDIA H200")
+
+    p, calls = session("autotune", LIMIT="280")
+    assert p.returncode == 0, p.stderr
+    assert calls[0] == "timeout 250" and len(calls) == 2, calls  # (LIMIT less the 30 s kept for the copy back)
+    assert "--compile max-autotune --pretrain-attention flex" in calls[1]
+    _, calls = session("autotune", ATTENTION="sdpa")
+    assert "--compile max-autotune --pretrain-attention sdpa" in calls[1]
+
+    p, calls = session("autotuned")
+    assert p.returncode == 2 and "unknown part 'autotuned'" in p.stderr and calls == []
+
+
 def test_views_benchmark_runs_and_the_compiled_views_are_the_eager_ones():
     """benchmarks/views.py (eager against compiled views, what ``pretrain.compile`` compiles with the
     step) runs, and reports the compiled views within float rounding of the eager ones."""
