@@ -344,8 +344,9 @@ def test_gpu_step_script_runs_on_the_cpu():
 def test_gpu_session_script_runs_its_parts_in_order(tmp_path):
     """benchmarks/gpu_session.sh, the prepared device call, with python3, timeout and nvidia-smi
     replaced by shims that log their arguments: a mistake in it would cost a whole GPU draw. The
-    first call runs its four parts in the order issue 14 needs them; 'autotune' runs one
-    max-autotune variant within LIMIT, its attention from ATTENTION; anything else is refused."""
+    first call runs its four parts in the order issue 14 needs them, within LIMIT (the call's
+    timeout_s); 'autotune' runs one max-autotune variant, its attention from ATTENTION; anything
+    else is refused."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     log = tmp_path / "log"
@@ -372,10 +373,14 @@ def test_gpu_session_script_runs_its_parts_in_order(tmp_path):
     assert "--compile reduce-overhead --set pretrain.attention=flex" in runs[1]
     assert runs[2].endswith("--attention") and "--compile true" in runs[3]
     assert calls[0] == "timeout 330" and (tmp_path / "out" / "gpu.txt").read_text().startswith("NVIDIA H200")
+    _, calls = session(LIMIT="130")  # a shorter first call, to leave device time for a second one
+    assert [c for c in calls if c.startswith("timeout")] == ["timeout 100", "timeout 100", "timeout 60"], calls
+    _, calls = session(LIMIT="20")  # (never "timeout 0", which would be no limit at all)
+    assert [c for c in calls if c.startswith("timeout")] == ["timeout 1", "timeout 1"], calls
 
     p, calls = session("autotune", LIMIT="280")
     assert p.returncode == 0, p.stderr
-    assert calls[0] == "timeout 250" and len(calls) == 2, calls  # (LIMIT less the 30 s kept for the copy back)
+    assert calls[0] == "timeout 250" and len(calls) == 2, calls  # (LIMIT, the call's timeout_s, less 30 s for the copy back)
     assert "--compile max-autotune --pretrain-attention flex" in calls[1]
     _, calls = session("autotune", ATTENTION="sdpa")
     assert "--compile max-autotune --pretrain-attention sdpa" in calls[1]
