@@ -1,12 +1,12 @@
 # `make demo` and `make test` do everything on a fresh machine: venv, install, data, run.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data demo test bench clean
+.PHONY: install data demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: install data
 
 test: install data
 	$(BIN)/python -m pytest -q
+
+# The fast tier (<= 120 s): unit tests of every module, no Ray, no whole trial (tests/conftest.py).
+test-fast: install data
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 bench: install data
 	$(BIN)/python benchmarks/step.py

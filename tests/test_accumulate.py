@@ -65,6 +65,7 @@ def test_micro_batches_equal_workers_step_by_step_in_float64(ray_session, small,
     assert [k for k in weights if not torch.equal(r0[k], r1[k])] == []
 
 
+@pytest.mark.slow
 def test_finetuning_micro_batches_equal_the_whole_batch(small, tmp_path, capsys):
     """Fine-tuning has no BatchNorm: batch 64 in one piece and in two micro-batches of 32 are the
     same step, up to float32 round-off (mixup, cutmix, RandAugment, random erasing and drop path

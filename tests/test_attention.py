@@ -61,6 +61,7 @@ def test_flex_attention_computes_beits_attention(monkeypatch, flex_calls):
     assert len(flex_calls) == 4
 
 
+@pytest.mark.slow
 def test_compiled_flex_attention_takes_flexattention_in_one_graph(monkeypatch, flex_calls):
     """Compiled, the attention traces FlexAttention in one graph (no break back to Python) and
     computes timm's biased attention; off a GPU the compiled attention is SDPA's (FlexAttention has

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import yaml
 from click.testing import CliRunner
 
 from conmim.cli import main
-from conftest import CONMIM, REPO, SMALL
+from conftest import AUTH_OFF, CONMIM, REPO, SMALL, wait_for
 
 CLUSTER = REPO / "cluster"
 sys.path.insert(0, str(CLUSTER))
@@ -304,9 +305,8 @@ def test_image_installs_dependencies_before_code():
 
 def test_nothing_disables_ray_token_auth_or_binds_publicly():
     files = [p for p in CLUSTER.rglob("*") if p.suffix in (".py", ".sh", ".yaml", ".md") or p.name == "Dockerfile"]
-    texts = {p: p.read_text() for p in files + list((REPO / "conmim").glob("*.py"))}
-    for p, t in texts.items():
-        assert not re.search(r"RAY_AUTH_MODE\s*[=:]\s*\"?disabled", t), p
+    texts = {p: p.read_text() for p in files + list((REPO / "conmim").rglob("*.py"))}
+    assert [p for p, t in texts.items() if AUTH_OFF.search(t)] == []
     assert 'HOST="${MLFLOW_HOST:-127.0.0.1}"' in texts[CLUSTER / "mlflow-server.sh"]
     lc = texts[CLUSTER / "local_cluster.py"]
     assert '"--dashboard-host", "127.0.0.1"' in lc and 'RAY_AUTH_MODE="token"' in lc
@@ -539,7 +539,7 @@ def test_sigint_and_sigterm_stop_the_sweep_driver_alike(tmp_path, sig):
 # ---------------------------------------------------------------------------------------------
 # A real two-node cluster and an MLflow server, shared by the slow tests of this module
 # ---------------------------------------------------------------------------------------------
-GCS_PORT, DASHBOARD_PORT = 6390, 8275
+CLUSTER_DIR, CLUSTER_DIR_PREFIX = Path("/tmp"), "conmim-tc-"  # short: Ray's Unix sockets live under it (sun_path <= ~107 bytes)
 
 
 def _free_port():
@@ -550,16 +550,63 @@ def _free_port():
     return port
 
 
+def _port_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port_run(offsets, rng):
+    """A base port P with P + each offset free (the cluster takes GCS P and client server P + 10,
+    dashboard D and its agents D + 1 ...), away from Ray's worker range 10002-19999 and from the
+    ports the kernel hands out (32768 up)."""
+    for _ in range(200):
+        p = rng.randrange(20000, 32000)
+        if all(_port_free(p + o) for o in offsets):
+            return p
+    raise RuntimeError(f"no free ports for offsets {offsets}")
+
+
+def _stop_leftovers_of_dead_runs():
+    """A run of these tests that was killed (SIGKILL, CI timeout) leaves its cluster behind in its
+    own folder, named by the pid of its pytest: stop those whose pytest is gone. A cluster of a
+    run that is still going (another checkout, another user of the machine) is left alone."""
+    import glob
+    for d in glob.glob(str(CLUSTER_DIR / CLUSTER_DIR_PREFIX) + "*"):
+        try:
+            pid = int(Path(d).name.removeprefix(CLUSTER_DIR_PREFIX).split("-")[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # its pytest is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's
+        local_cluster.stop(0, Path(d), grace=5)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    d = Path(f"/tmp/conmim-test-cluster-{GCS_PORT}")
-    local_cluster.stop(GCS_PORT, d)  # leftovers of an earlier, killed run of these tests (this cluster only)
-    shutil.rmtree(d, ignore_errors=True)
+    """A two-node cluster of this run only: ports chosen free now, a folder named by this
+    pytest's pid; torn down at the end (its processes found by that folder)."""
+    import random
+    import tempfile
+    _stop_leftovers_of_dead_runs()
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    gcs = _free_port_run([0, 10], rng)
+    dashboard = _free_port_run([0, 1, 2, 3], rng)
+    d = Path(tempfile.mkdtemp(prefix=f"{CLUSTER_DIR_PREFIX}{os.getpid()}-", dir=CLUSTER_DIR))
     try:
-        info = local_cluster.start(GCS_PORT, DASHBOARD_PORT, nodes=2, cpus=3, object_store_mb=100, d=d)
+        info = local_cluster.start(gcs, dashboard, nodes=2, cpus=3, object_store_mb=100, d=d)
         yield info
     finally:  # torn down even when a test (or the start) failed
-        local_cluster.stop(GCS_PORT, d, grace=5)
+        local_cluster.stop(gcs, d, grace=5)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -588,6 +635,25 @@ def mlflow_server(tmp_path_factory):
         p.wait(timeout=30)
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.slow
+def test_the_cluster_refuses_a_client_without_the_token(cluster):
+    """Token authentication is on where it counts: the cluster's API answers a request with the
+    token and refuses one without it or with another token."""
+    url = f"{cluster['dashboard']}/api/v0/nodes?limit=10"
+    token = Path(cluster["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+
+    def status(headers):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+    assert status({"Authorization": f"Bearer {token}"}) == 200
+    assert status({}) in (401, 403)
+    assert status({"Authorization": "Bearer " + "0" * len(token)}) in (401, 403)
+
+
 def _client_env(info):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=info["RAY_AUTH_TOKEN_PATH"], PYTHONUNBUFFERED="1")
@@ -601,6 +667,7 @@ def _runs(uri, experiment):
     return [] if exp is None else c.search_runs([exp.experiment_id], max_results=1000)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.slow
 def test_sweep_as_ray_job_on_two_nodes(cluster, mlflow_server, tmp_path):
     """Three trials, sampled by Optuna, submitted as a Ray job to the two-node cluster, logging to
@@ -637,8 +704,10 @@ def test_sweep_as_ray_job_on_two_nodes(cluster, mlflow_server, tmp_path):
     assert set(tags.values()) == set(cluster["node_ids"])  # trials ran on both nodes
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.slow
 def test_jobs_stop_ends_trial_runs_as_killed(cluster, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
     # longer pre-training so that the trials are still running when the job is stopped
     path = _sweep_file(tmp_path, "stopme", [{"name": "t02", "set": {"objective.temperature": 0.2}}], mlflow_server,
                        **{"pretrain.epochs": 20})
@@ -658,7 +727,10 @@ def test_jobs_stop_ends_trial_runs_as_killed(cluster, mlflow_server, tmp_path):
         time.sleep(1)
     assert len(running) == 2, subprocess.run([CONMIM, "jobs", "logs", job_id, "--address", cluster["dashboard"]],
                                              capture_output=True, text=True, env=env).stdout[-4000:]
-    time.sleep(2)  # into the Train runs
+    # into the Train runs: both trials have reported a first epoch (20 to go)
+    for run in running:
+        wait_for(lambda: "pretrain_loss" in MlflowClient(mlflow_server).get_run(run.info.run_id).data.metrics, 240,
+                 f"epoch 1 of {run.info.run_name} in MLflow")
     s = subprocess.run([CONMIM, "jobs", "stop", job_id, "--address", cluster["dashboard"]], capture_output=True,
                        text=True, env=env, timeout=180)
     assert s.returncode == 0 and f"job {job_id}: STOPPED" in s.stdout, s.stdout + s.stderr

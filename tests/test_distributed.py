@@ -14,6 +14,7 @@ from conftest import CONMIM, SMALL
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(600)
 def test_two_workers_match_one_worker_with_sync_bn(ray_session, small, tmp_path):
     B = 32
     common = dict(data__subset=20 * B, pretrain__batch_size=B, pretrain__lr_batch_size=B, pretrain__sync_bn=True,
@@ -42,6 +43,7 @@ def test_two_workers_match_one_worker_with_sync_bn(ray_session, small, tmp_path)
     assert "PreemptionWatcher" not in started, started
 
 
+@pytest.mark.timeout(600)
 def test_worker_deaths_resume_from_checkpoint_with_schedules_intact(ray_session, small, tmp_path):
     """Two real process deaths in one trial: os._exit mid-epoch 2, then SIGKILL (what `kill -9` or
     the OOM killer does) mid-epoch 3. Each time Ray Train starts a new worker that resumes from the
@@ -73,6 +75,7 @@ def test_worker_deaths_resume_from_checkpoint_with_schedules_intact(ray_session,
     assert ray_session._private.worker.global_worker.node.address_info["webui_url"].startswith("127.0.0.1:")
 
 
+@pytest.mark.timeout(900)
 def test_cli_train_on_ray_writes_result_once(tmp_path):
     sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
     p = subprocess.run([CONMIM, "train", "tiny", *sets, "--set", "resources.num_workers=2", "--out", str(tmp_path)],

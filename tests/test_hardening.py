@@ -7,11 +7,13 @@ the test that proves it."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from click.testing import CliRunner
 
 from conmim.cli import main
 from conmim.config import ConfigError
-from conftest import CONMIM, REPO, SMALL
+from conftest import AUTH_OFF, CONMIM, REPO, SMALL, wait_for
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 BAD_FILES = sorted(CORPUS.glob("*.yaml"))
@@ -84,20 +86,35 @@ def test_bad_sweep_refused_by_run_too(no_ray):
 
 def test_yaml_bomb_refused_without_expanding(tmp_path):
     """Ten levels of ten aliases = 10^10 strings if expanded: refused in well under a second and
-    without the memory growth of an expansion."""
-    import resource
+    without the memory growth of an expansion. Measured in a fresh process that has loaded only
+    the config loader (in this one, torch and earlier tests have already set a peak that would
+    hide the growth), with its address space capped so that an expansion fails fast."""
     lines = ["l0: &l0 [" + ",".join(['"lol"'] * 10) + "]"]
     for i in range(1, 10):
         lines.append(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 10) + "]")
     p = tmp_path / "bomb.yaml"
     p.write_text("\n".join(lines) + "\nseed: *l9\n")
-    from conmim.config.loading import read_yaml
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.time()
-    with pytest.raises(ConfigError, match="YAML bomb"):
-        read_yaml(p)
-    assert time.time() - t0 < 2
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 50 * 1024  # KiB: < 50 MB growth
+    code = f"""
+import resource, sys, time
+from conmim.config import ConfigError
+from conmim.config.loading import read_yaml
+assert "torch" not in sys.modules
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 1024 ** 3, resource.RLIM_INFINITY))
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.time()
+try:
+    read_yaml({str(p)!r})
+except ConfigError as e:
+    assert "YAML bomb" in str(e), e
+else:
+    raise SystemExit("not refused")
+print(time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    seconds, grown_kib = map(float, r.stdout.split())
+    assert seconds < 2 and grown_kib < 50 * 1024, (seconds, grown_kib)  # < 50 MB growth
 
 
 def test_safe_loader_builds_no_python_objects(tmp_path):
@@ -126,13 +143,41 @@ def test_unreadable_file_a_directory_where_the_file_should_be(tmp_path, no_ray):
         assert_refused(res, out, str(d), "cannot read the file", "Is a directory")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="running as root: chmod 000 does not stop root from reading (the directory case covers it)")
-def test_unreadable_file_permission_denied(tmp_path, no_ray):
-    p = tmp_path / "secret.yaml"
+@contextmanager
+def as_nobody():
+    """Root reads whatever the mode bits say (CI runs as root): there the test reads as the user
+    nobody (effective uid only, given back after). Anyone else reads as themselves."""
+    if os.geteuid() != 0:
+        yield
+        return
+    import pwd
+    os.setegid(pwd.getpwnam("nobody").pw_gid)
+    os.seteuid(pwd.getpwnam("nobody").pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def open_dir():
+    """A folder anyone may enter (pytest's tmp_path is not: its parents are 0700)."""
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="conmim-test-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_unreadable_file_permission_denied(open_dir, no_ray):
+    p = open_dir / "secret.yaml"
     p.write_text("seed: 1\n")
     p.chmod(0)
-    res, out = invoke(["validate", str(p)])
+    invoke(["validate", str(open_dir / "missing.yaml")])  # (the same path as root first: what it imports lazily
+    # is then loaded, as the user nobody may not read this checkout)
+    with as_nobody():
+        res, out = invoke(["validate", str(p)])
     assert_refused(res, out, str(p), "cannot read the file", "Permission denied")
 
 
@@ -190,15 +235,35 @@ def test_storage_path_under_a_file_exits_2(tmp_path, no_ray):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="running as root: a read-only mode does not stop root from writing")
+@contextmanager
+def read_only_folder(d: Path):
+    """``d`` made read-only for whoever runs the test: a read-only mode for a user; for root (CI),
+    whom modes do not stop, a read-only tmpfs mounted there, else the immutable attribute."""
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield "Permission denied"
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True).returncode == 0:
+        try:
+            yield "Read-only file system"
+        finally:
+            subprocess.run(["umount", str(d)], check=True)
+    elif subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode == 0:
+        try:
+            yield "Operation not permitted"
+        finally:
+            subprocess.run(["chattr", "-i", str(d)], check=True)
+    else:
+        pytest.skip("root without mount or chattr +i here: no way to make a folder read-only for root")
+
+
 def test_storage_in_read_only_folder_exits_2(tmp_path, no_ray):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    path = valid_sweep(tmp_path, storage=str(ro / "results"))
-    res, out = invoke(["sweep", str(path)])
-    assert_refused(res, out, "storage", "Permission denied")
+    with read_only_folder(tmp_path / "ro") as says:
+        path = valid_sweep(tmp_path, storage=str(tmp_path / "ro" / "results"))
+        res, out = invoke(["sweep", str(path)])
+        assert_refused(res, out, "storage", says)
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_storage_without_enough_free_space_exits_2(tmp_path, no_ray):
@@ -381,11 +446,19 @@ def test_token_authentication_is_not_disabled_anywhere():
     """Ray's token auth (on by default for local clusters) is never switched off by code or docs."""
     files = [p for d in ("conmim", "cluster", "docs", "sweeps", "benchmarks", ".ci") if (REPO / d).exists()
              for p in (REPO / d).rglob("*") if p.is_file() and p.suffix in (".py", ".sh", ".md", ".yaml", ".yml", "")]
-    files.append(REPO / "README.md")
-    files.append(REPO / "Makefile")
-    pat = re.compile(r"RAY_AUTH_MODE\s*[=:]\s*['\"]?(disabled|none|off)|auth_mode\s*=\s*['\"](disabled|none)", re.I)
-    offenders = [str(p.relative_to(REPO)) for p in files if pat.search(p.read_text(errors="replace"))]
+    files += [REPO / "README.md", REPO / "Makefile", REPO / "pyproject.toml"]
+    offenders = [str(p.relative_to(REPO)) for p in files if AUTH_OFF.search(p.read_text(errors="replace"))]
     assert offenders == []
+
+
+@pytest.mark.parametrize("text", [
+    "RAY_AUTH_MODE=disabled ray start --head", 'export RAY_AUTH_MODE="off"', 'os.environ["RAY_AUTH_MODE"] = "disabled"',
+    "os.environ['RAY_AUTH_MODE']='none'", 'os.environ.setdefault("RAY_AUTH_MODE", "disabled")',
+    'os.putenv("RAY_AUTH_MODE", "disabled")', 'env.update(RAY_AUTH_MODE="disabled")', '{"RAY_AUTH_MODE": "disabled"}',
+    "env:\n  - name: RAY_AUTH_MODE\n    value: disabled", 'ray.init(_system_config={"auth_mode": "disabled"})'])
+def test_the_search_for_disabled_token_auth_sees_each_way_of_writing_it(text):
+    assert AUTH_OFF.search(text)
+    assert not AUTH_OFF.search(text.replace("disabled", "token").replace("none", "token").replace("off", "token"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,18 +534,6 @@ def free_port() -> int:
     return port
 
 
-def wait_for(pred, timeout, what, step=0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if pred():
-                return
-        except Exception:  # noqa: BLE001 - e.g. the store is busy or the server is coming up
-            pass
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def sweep_spec(tmp_path, name, uri, variants=(), **over):
     spec = {"name": name, "base": {"config": "tiny", "set": {**SMALL, **over}}, "seeds": [0],
             "variants": list(variants), "storage": str(tmp_path / "ray_results"), "mlflow": {"tracking_uri": uri}}
@@ -504,6 +565,7 @@ class MlflowServer:
             self.proc.wait(timeout=30)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.slow
 def test_mlflow_server_down_mid_sweep_metrics_buffered_then_flushed(ray_session, tmp_path):
     """The MLflow server is killed while a trial trains and comes back later: the trial keeps
@@ -527,12 +589,14 @@ def test_mlflow_server_down_mid_sweep_metrics_buffered_then_flushed(ray_session,
             runs = c.search_runs([exp.experiment_id], "tags.`conmim.role` = 'trial'")
             return runs and "pretrain_loss" in runs[0].data.metrics
 
+        swept = threading.Event()  # set when run_sweep returns: the waits below then fail at once
+
         def outage():
             try:
-                wait_for(first_epoch_logged, 600, "epoch 1 in MLflow")
+                wait_for(first_epoch_logged, 600, "epoch 1 in MLflow", stop=swept.is_set)
                 server.kill()
                 seen["down"] = time.time()
-                wait_for(pending.exists, 600, "a buffered metric point")
+                wait_for(pending.exists, 600, "a buffered metric point", stop=swept.is_set)
                 seen["buffered"] = pending.read_text().splitlines()
                 server.start()
                 seen["up"] = time.time()
@@ -540,7 +604,10 @@ def test_mlflow_server_down_mid_sweep_metrics_buffered_then_flushed(ray_session,
                 seen["error"] = e
         t = threading.Thread(target=outage, daemon=True)
         t.start()
-        counts = run_sweep(sw)
+        try:
+            counts = run_sweep(sw)
+        finally:
+            swept.set()
         t.join(timeout=300)
         assert "error" not in seen, seen.get("error")
         assert counts == {"finished": 1}, counts

@@ -3,6 +3,7 @@ trial of a seed, probes of both encoders, and the positional-shortcut diagnostic
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from conmim.data.sources import labelled_subset, load_splits
@@ -45,6 +46,8 @@ def test_a_network_that_only_sees_position_is_flagged_and_a_random_one_is_not(sm
     assert d["position_spread"] < 0.05, d
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_a_low_label_trial_reports_both_fine_tunes_and_both_encoders(small, tmp_path):
     cfg = small(finetune__labels_per_class=10, finetune__batch_size=32, eval__full_label_finetune=True,
                 eval__probe_online=True, eval__proxy_every=1)

@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +13,7 @@ from click.testing import CliRunner
 
 from conmim.cli import main
 from conmim.config.expand import load_sweep
-from conftest import CONMIM, REPO, SMALL
+from conftest import CONMIM, REPO, SMALL, wait_for
 
 SWEEP_FILES = sorted((REPO / "sweeps").rglob("*.yaml"))
 
@@ -77,6 +76,7 @@ def mlflow_runs(uri, experiment):
     return c, c.search_runs([exp.experiment_id], max_results=1000)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.slow
 def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
     from conmim.run.tune import run_sweep
@@ -150,15 +150,7 @@ def console_bars(lines):
     return [l for l in lines if l.startswith("[") and " trials (" in l]
 
 
-def wait_for(pred, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
+@pytest.mark.timeout(1800)
 @pytest.mark.slow
 def test_killed_then_interrupted_driver_resumes_without_duplicates(tmp_path):
     """The driver is SIGKILLed (no chance to clean up), resumed, interrupted with Ctrl-C (SIGINT:
@@ -178,7 +170,9 @@ def test_killed_then_interrupted_driver_resumes_without_duplicates(tmp_path):
     p = driver(log="driver.log")
     wait_for(lambda: list(sweep_dir.glob("trials/*/result.json")) or p.poll() is not None, 600, "a finished trial")
     assert list(sweep_dir.glob("trials/*/result.json")), (tmp_path / "driver.log").read_text()[-3000:]
-    time.sleep(3)  # let the second trial start
+    # the second trial started (the driver is killed with it under way)
+    wait_for(lambda: (tmp_path / "driver.log").read_text().count("  started") >= 2, 300, "the second trial to start",
+             stop=lambda: p.poll() is not None)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     first_done = {q.parent.name: q.stat().st_mtime for q in sweep_dir.glob("trials/*/result.json")}

@@ -1,7 +1,6 @@
 """MLflow calls are retried on transient errors, told apart by type (not by the text of a message),
 against a real SQLite store and a port where no server listens."""
 import sqlite3
-import time
 
 import pytest
 
@@ -9,23 +8,25 @@ from conmim.tracking import client
 from conmim.tracking.buffer import fail_fast
 
 
-def test_a_locked_sqlite_store_is_retried():
+def test_a_locked_sqlite_store_is_retried(monkeypatch):
     """MLflow turns SQLite's "database is locked" (after its own 20 s busy wait) into this exception
-    (mlflow/store/db/utils.py); a concurrent writer releases the lock, the next try goes through."""
+    (mlflow/store/db/utils.py); a concurrent writer releases the lock, the next try goes through.
+    The back-off is read from the waits retry() asks for, not from the wall clock of a busy machine."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
-    tries = []
+    tries, waits = [], []
+    monkeypatch.setattr(client.time, "sleep", waits.append)
 
     def write():
-        tries.append(time.time())
+        tries.append(len(waits))
         if len(tries) < 3:
             try:
                 raise sqlite3.OperationalError("database is locked")
             except sqlite3.OperationalError as e:
                 raise MlflowException(message=e, error_code=TEMPORARILY_UNAVAILABLE) from e
         return "written"
-    assert client.retry(write) == "written" and len(tries) == 3
-    assert tries[2] - tries[1] > tries[1] - tries[0] > 0.1  # backing off
+    assert client.retry(write) == "written" and tries == [0, 1, 2]  # a wait before each new try
+    assert waits == [0.2, 0.4]  # backing off, doubling
 
 
 def test_a_refused_connection_is_transient_and_a_missing_run_is_not(tmp_path):

@@ -10,30 +10,54 @@ from conftest import CONMIM, SMALL
 KEYS = ("finetune_top1", "linear_probe_top1", "knn_top1", "final_pretrain_loss", "final_target_std")
 
 
-def test_same_seed_same_result_numbers(small, tmp_path):
-    cfg = small()
-    a = run_in_process(cfg, tmp_path / "a")
-    b = run_in_process(cfg, tmp_path / "b")
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """The baseline trial at seed 0, with its per-step losses: the reference of the tests below."""
+    from conftest import small_cfg
+    return run_in_process(small_cfg(debug__log_steps=True), tmp_path_factory.mktemp("baseline"))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.slow
+def test_same_seed_same_result_numbers(small, tmp_path, baseline):
+    a = baseline
+    b = run_in_process(small(debug__log_steps=True), tmp_path / "b")
     for k in KEYS:
         assert a.metrics[k] == b.metrics[k], k
     c = run_in_process(small(seed=1), tmp_path / "c")
     assert c.metrics["final_pretrain_loss"] != a.metrics["final_pretrain_loss"]
     assert 0.0 < a.metrics["finetune_top1"] <= 1.0 and a.metrics["final_pretrain_loss"] > 0
-    on_disk = json.loads((tmp_path / "a" / "result.json").read_text())
-    assert on_disk["finetune_top1"] == a.metrics["finetune_top1"] and on_disk["config"]["seed"] == 0
+    on_disk = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert on_disk["finetune_top1"] == b.metrics["finetune_top1"] and on_disk["config"]["seed"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [
-    {"objective.target_encoder": "shared", "objective.stop_grad": "false", "objective.dictionary": "batch"},
-    {"masking": "false", "objective.perturbation": "symmetric_strong"},
+    {"objective.target_encoder": "shared", "objective.stop_grad": False, "objective.dictionary": "batch"},
+    {"masking": False, "objective.perturbation": "symmetric_strong"},
     {"masking.type": "random_cells", "masking.cell_size": 2, "objective.perturbation": "switched"},
 ])
-def test_ablation_variants_train(small, tmp_path, variant):
-    cfg = small(**{k.replace(".", "__"): v for k, v in variant.items()})
+@pytest.mark.timeout(600)
+def test_ablation_variants_train(small, tmp_path, variant, baseline):
+    """Each variant trains, and its keys took effect: the resolved config has them, and the loss of
+    the very first step (same seed, same initial weights, nothing optimised yet) differs from the
+    baseline's, which only the objective, the views or the masks can change."""
+    cfg = small(debug__log_steps=True, **{k.replace(".", "__"): str(v).lower() for k, v in variant.items()})
     r = run_in_process(cfg, tmp_path)
     assert r.metrics["final_pretrain_loss"] > 0 and r.metrics["finetune_top1"] > 0
+    for key, value in variant.items():
+        section, _, name = key.partition(".")
+        got = r.config[section] if not name else r.config[section][name]
+        assert (got.get("enabled", got) if isinstance(got, dict) else got) == value, (key, got)
+    assert len(r.step_losses) == len(baseline.step_losses)
+    assert r.step_losses[0] != pytest.approx(baseline.step_losses[0], rel=1e-3), (r.step_losses[0], baseline.step_losses[0])
+    assert r.metrics["final_pretrain_loss"] != baseline.metrics["final_pretrain_loss"]
+    if variant.get("objective.target_encoder") == "shared":
+        assert r.probe_encoder == "online"  # no momentum encoder was built
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_cli_train_process_backend_and_scratch(tmp_path):
     sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
     p = subprocess.run([CONMIM, "train", "tiny", *sets, "--set", "pretrain.enabled=false", "--backend", "process",
@@ -44,6 +68,8 @@ def test_cli_train_process_backend_and_scratch(tmp_path):
     assert '"finetune_top1"' in p.stdout
 
 
+@pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_pretrain_then_finetune_from_checkpoint(tmp_path):
     sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
     p = subprocess.run([CONMIM, "pretrain", "tiny", *sets, "--backend", "process", "--out", str(tmp_path / "pre")],

@@ -27,10 +27,35 @@ def after_step(cfg: ExperimentConfig, out_dir: Path, rank: int, step: int) -> No
 
 
 def _die(marker: Path, what: str, die) -> None:
-    """It waits first: Ray Train's controller registers a reported checkpoint when it next polls
-    the workers, so a worker dying a fraction of a second after reporting restarts from the
-    checkpoint before. Real epochs last minutes; tiny test epochs last a second."""
-    time.sleep(5)
+    """It waits first for Ray Train's controller to register the checkpoint reported last (it does
+    so when it next polls the workers): a worker dying a fraction of a second after reporting would
+    restart from the checkpoint before. Real epochs last minutes; tiny test epochs a second."""
+    deadline = time.monotonic() + REGISTER_WAIT_S
+    while not _latest_checkpoint_registered() and time.monotonic() < deadline:
+        time.sleep(0.2)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(what + "\n")
     die()
+
+
+REGISTER_WAIT_S = 120
+
+
+def _latest_checkpoint_registered() -> bool:
+    """The newest checkpoint folder in the Train run's (local) storage is the one the controller's
+    checkpoint manager snapshot names; true where there is nothing to wait for (no Ray Train, no
+    checkpoint yet, storage that is not a local folder)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+        storage = get_train_context().get_storage()
+        run = Path(storage.experiment_fs_path)
+        snapshot = Path(storage.checkpoint_manager_snapshot_path)
+    except Exception:  # noqa: BLE001 - not inside a Ray Train worker
+        return True
+    if not run.is_dir():
+        return True
+    names = sorted(p.name for p in run.glob("checkpoint_*"))  # named by time stamp: the last is the newest
+    try:
+        return not names or names[-1] in snapshot.read_text()
+    except OSError:
+        return False
