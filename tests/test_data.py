@@ -160,3 +160,19 @@ def test_crop_boxes_are_torchvisions_for_images_of_any_size():
         got = crop_boxes(u, H, W, scale, (3 / 4, 4 / 3))
         ref = np.array([rrc_get_params(u[i], int(H[i]), int(W[i]), scale, (3 / 4, 4 / 3)) for i in range(400)])
         assert (got == ref).all()
+
+
+def test_fashion_mnist_is_found_through_conmim_fashion_mnist(tmp_path, monkeypatch):
+    """README: where Debian's package is not installed, $CONMIM_FASHION_MNIST names the folder of
+    the four *-ubyte.gz files; data.root, when set, wins; a folder without them is exit-2 material."""
+    from pathlib import Path
+    from conmim.config.data_paths import FASHION_MNIST_DIR, fashion_mnist_root, missing_data_message
+    for f in Path(FASHION_MNIST_DIR).glob("*-ubyte.gz"):
+        (tmp_path / f.name).symlink_to(f)
+    monkeypatch.setenv("CONMIM_FASHION_MNIST", str(tmp_path))
+    cfg = load_config("tiny", ["data.subset=64", "data.eval_subset=64"])
+    assert fashion_mnist_root(cfg.data) == tmp_path and missing_data_message(cfg.data) is None
+    assert len(load_splits(cfg.data)["train"]) == 64
+    monkeypatch.setenv("CONMIM_FASHION_MNIST", str(tmp_path / "empty"))
+    assert "Fashion-MNIST not found in " + str(tmp_path / "empty") in missing_data_message(cfg.data)
+    assert fashion_mnist_root(cfg.data.model_copy(update={"root": str(tmp_path)})) == tmp_path

@@ -50,3 +50,33 @@ def test_a_refused_connection_is_transient_and_a_missing_run_is_not(tmp_path):
         client.retry(missing)
     assert len(calls) == 1 and not client.is_transient(e.value)  # a real error is raised at once
     assert not client.is_transient(ValueError("database is locked"))  # the words alone do not make it transient
+
+
+@pytest.mark.parametrize("status,transient", [(502, True), (503, True), (504, True), (500, False), (404, False)])
+def test_a_gateway_or_unavailable_answer_is_transient_and_others_are_not(status, transient):
+    """README: MLflow calls are retried on HTTP 502/503/504 (a proxy or a server restarting), not
+    on an answer that another try would repeat. The exception is the one MLflow's own REST client
+    makes of the HTTP answer (it maps a 502 to HTTP 500's error code)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.rest_utils import verify_rest_response
+    resp = requests.models.Response()
+    resp.status_code, resp._content = status, b"upstream said no"
+    resp.headers["Content-Type"] = "text/plain"
+    with pytest.raises(MlflowException) as e:
+        verify_rest_response(resp, "/api/2.0/mlflow/runs/get")
+    assert client.is_transient(e.value) is transient
+
+
+def test_the_end_of_trial_wait_for_mlflow_is_conmim_mlflow_wait(tmp_path, monkeypatch):
+    """docs/reliability.md: the trial waits up to $CONMIM_MLFLOW_WAIT seconds for the server, then
+    fails naming the file that keeps the points."""
+    import json
+    import re
+    from conmim.tracking import buffer
+    pending = tmp_path / buffer.PENDING_FILE
+    pending.write_text(json.dumps({"metrics": {"pretrain_loss": 2.5}, "step": 1, "ts": 0}) + "\n")
+    monkeypatch.setenv("CONMIM_MLFLOW_WAIT", "1")
+    with pytest.raises(client.TrackingUnavailable, match=r"did not answer for 1 s.*" + re.escape(str(pending))):
+        buffer.flush_pending("http://127.0.0.1:9", "0" * 32, pending)
+    assert pending.exists()

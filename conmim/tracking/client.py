@@ -5,6 +5,7 @@ it already has instead of creating second ones."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+_REST_GATEWAY_ERROR = re.compile(r"failed with error code (502|503|504) != 200")
+
+
 def is_transient(e: BaseException) -> bool:
     """A blip worth retrying: a SQLite store locked by a concurrent writer (MLflow reports it as
     TEMPORARILY_UNAVAILABLE), a server that is restarting (HTTP 502/503/504, a refused or timed-out
@@ -35,6 +39,9 @@ def is_transient(e: BaseException) -> bool:
     if isinstance(e, MlflowException):
         return (e.error_code == ErrorCode.Name(TEMPORARILY_UNAVAILABLE)
                 or e.get_http_status_code() in (502, 503, 504)
+                # MLflow's REST client maps a 502 to INTERNAL_ERROR (HTTP 500): the answer's status is
+                # then only in its message ("... failed with error code 502 != 200", rest_utils)
+                or _REST_GATEWAY_ERROR.search(str(e.message)) is not None
                 or any(is_transient(c) for c in (e.__cause__, e.__context__) if c is not None))
     return False
 
