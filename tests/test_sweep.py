@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -112,8 +113,19 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
     children = [r for r in runs if r.data.tags.get("conmim.role") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.info.run_name for r in children) == sorted(t.name for t in sw.distinct)
+    import conmim
+    checkout = (Path(conmim.__file__).resolve().parents[1] / ".git").exists()  # (not a non-editable install)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     for r in children:
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        # the tags README promises on each trial's run, and its own log file
+        t = next(t for t in sw.distinct if t.name == r.info.run_name)
+        tags = r.data.tags
+        assert (tags["conmim.variant"], tags["conmim.seed"], tags["conmim.canonical_hash"]) == (t.variant, "0", t.key), tags
+        assert tags["ray.trial_id"], tags
+        if checkout:
+            assert tags["conmim.git_commit"] == head, tags
+        assert (sw.dir / "trials" / r.info.run_name / "train.log").exists()
         assert r.data.params["objective.temperature"] == "0.1"
         if r.info.run_name == "diverges_seed0":
             assert r.info.status == "FAILED" and "nan" in r.data.tags["conmim.failure_reason"].lower()
@@ -250,6 +262,7 @@ def test_trial_process_never_loads_the_model_or_the_data(tmp_path):
     one thing there that needs torch, is Ray's to import.)"""
     code = f"""
 import sys
+from pathlib import Path
 from pathlib import Path
 import conmim.run.ray_train as d, conmim.run.tune_trial
 from conmim.config import load_config
