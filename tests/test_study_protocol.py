@@ -54,8 +54,11 @@ def test_a_low_label_trial_reports_both_fine_tunes_and_both_encoders(small, tmp_
     r = run_in_process(cfg, tmp_path)
     m = r.metrics
     for k in ("finetune_top1", "finetune_full_top1", "finetune_val_top1", "finetune_full_val_top1", "knn_top1",
-              "knn_online_top1", "linear_probe_online_top1", "all_masked_loss", "position_spread"):
-        assert 0 <= m[k] < 10 and m[k] == m[k], (k, m[k])
+              "knn_online_top1", "linear_probe_online_top1"):
+        assert 0 <= m[k] <= 1, (k, m[k])  # fractions of the split, not percentages or losses
+    assert m["knn_top1"] > 0.2 and m["knn_online_top1"] > 0.2, m  # k-NN on Fashion-MNIST: far above chance (0.1)
+    P = cfg.model.grid ** 2  # the all-masked task is a choice among P positions: log P at chance
+    assert 0 < m["all_masked_loss"] < 2 * math.log(P) and 0 < m["position_spread"] <= 1.5, m
     assert r.probe_encoder == "momentum" and m["knn_online_top1"] != m["knn_top1"]
     assert "knn_proxy_online_top1" in r.pretrain_history[-1] and "knn_proxy_top1" in r.pretrain_history[-1]
     phases = {k for h in r.finetune_history for k in h if k.endswith("_loss")}
