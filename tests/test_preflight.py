@@ -317,3 +317,28 @@ def test_mixup_needs_an_even_per_worker_micro_batch(tmp_path):
     assert "finetune.batch_size=12 / (resources.num_workers=2 x finetune.accumulate=2) = 3" in p.stderr, p.stderr
     assert conmim(tmp_path, "validate", "tiny", "--set", "finetune.mixup=0.8", "--set", "finetune.batch_size=16",
                   "--set", "finetune.accumulate=2", "--set", "resources.num_workers=2").returncode == 0
+
+
+def test_sweep_tags_the_data_warnings_on_the_trials_mlflow_run(ray_session, tmp_path):
+    """A real one-trial sweep on unbalanced data: the warnings are printed once, tagged on the
+    trial's MLflow run (conmim.warning) and kept in its result.json."""
+    from mlflow.tracking import MlflowClient
+    from conmim.config.expand import load_sweep
+    from conmim.run.tune import run_sweep
+    root = imagefolder(tmp_path / "data", {"many": 60, "few": 5}, {"many": 2, "few": 2})
+    base = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in FITS)} | {"data.root": str(root), "data.val_size": 2,
+                                                                 "finetune.batch_size": 4, "eval.probe_online": False}
+    spec = {"name": "warn", "base": {"config": "tiny", "set": base}, "seeds": [0],
+            "storage": str(tmp_path / "ray_results"), "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    path = tmp_path / "warn.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    console: list[str] = []
+    assert run_sweep(load_sweep(str(path)), echo=console.append, report=False) == {"finished": 1}
+    assert sum(l.startswith("warning: few images:") for l in console) == 1, console
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = next(r for r in c.search_runs([c.get_experiment_by_name("warn").experiment_id])
+               if r.data.tags.get("conmim.role") == "trial")
+    assert run.info.status == "FINISHED"
+    assert "few images:" in run.data.tags["conmim.warning"] and "unbalanced:" in run.data.tags["conmim.warning"]
+    result = json.loads((tmp_path / "ray_results" / "warn" / "trials" / "baseline_seed0" / "result.json").read_text())
+    assert any(w.startswith("few images:") for w in result["warnings"])
