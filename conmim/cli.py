@@ -69,9 +69,9 @@ def validate(config, sets):
     cfg = load_config(config, list(sets))
     _data_preflight(cfg, config)
     click.echo(cfg.to_yaml(), nl=False)
+    click.echo(f"# data: {describe(cfg)}")
     click.echo(f"# canonical experiment id: {canonical_hash(cfg)}")
     click.echo(f"# per-worker batch: {cfg.batch_split()}")
-    click.echo(f"# data: {describe(cfg)}")
 
 
 def _run_options(fn):
