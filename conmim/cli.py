@@ -32,6 +32,17 @@ def friendly_errors(fn):
     return wrapper
 
 
+def _data_preflight(cfg, label: str, phases=None) -> list[str]:
+    """The data pre-flight (conmim.data.preflight): a config its data cannot serve is a ConfigError
+    (exit 2) before anything starts; the warnings are printed and returned."""
+    from conmim.config.loading import preset_names
+    from conmim.data.preflight import check
+    warnings = check(cfg, f"preset '{label}'" if label in preset_names() else label, phases)
+    for w in warnings:
+        click.echo(f"conmim: warning: {w}", err=True)
+    return warnings
+
+
 def _print_result(result, out: Path) -> None:
     from conmim.trial import RESULT_FILE
     click.echo(json.dumps(result.summary(), indent=2))
@@ -54,8 +65,11 @@ def main():
 def validate(config, sets):
     """Print the resolved config (and its canonical id), or say what is wrong with it."""
     from conmim.config import canonical_hash
+    from conmim.data.preflight import describe
     cfg = load_config(config, list(sets))
+    _data_preflight(cfg, config)
     click.echo(cfg.to_yaml(), nl=False)
+    click.echo(f"# data: {describe(cfg)}")
     click.echo(f"# canonical experiment id: {canonical_hash(cfg)}")
     click.echo(f"# per-worker batch: {cfg.batch_split()}")
 
@@ -77,13 +91,14 @@ def _run_options(fn):
 def train(config, sets, out, backend, address):
     """Pre-train, probe and fine-tune one configuration; writes OUT/result.json."""
     cfg = load_config(config, list(sets))
+    warnings = _data_preflight(cfg, config)
     out = Path(out).resolve()
     if backend == "process":
         from conmim.trial import run_in_process
-        result = run_in_process(cfg, out)
+        result = run_in_process(cfg, out, warnings=warnings)
     else:
         from conmim.run.ray_train import run_on_ray
-        result = run_on_ray(cfg, out, address=address)
+        result = run_on_ray(cfg, out, address=address, warnings=warnings)
     _print_result(result, out)
 
 
@@ -94,6 +109,7 @@ def train(config, sets, out, backend, address):
 def pretrain(config, sets, out, backend, address):
     """Pre-train only; prints the final loss and the folder of the last checkpoint."""
     cfg = load_config(config, list(sets))
+    _data_preflight(cfg, config, ("pretrain",))
     out = Path(out).resolve()
     if backend == "process":
         from conmim.train.pretrain import pretrain as run
@@ -118,6 +134,7 @@ def finetune(config, checkpoint, sets, out, backend, address):
     out = Path(out).resolve()
     if not (Path(checkpoint) / "state.pt").exists():
         raise UsageProblem(f"--checkpoint {checkpoint}: no state.pt inside; pass a folder written by 'conmim pretrain'.")
+    _data_preflight(cfg, config, ("finetune",))
     if backend == "process":
         from conmim.train import checkpoint as ckpt
         from conmim.train.finetune import finetune as run
@@ -163,6 +180,8 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exist
         return
     sw = load_sweep(sweep_file, list(sets), check_paths=not address)  # a cluster's data lives on the cluster
     if dry_run:
+        from conmim.data.preflight import check_sweep
+        check_sweep(sw, local_only=bool(address), echo=click.echo)
         click.echo(trial_table(sw))
         extra = f", Optuna samples: {sw.spec.optuna.num_samples}" if sw.spec.search == "optuna" else ""
         click.echo(f"\n{len(sw.trials)} trials: {len(sw.distinct)} distinct, {len(sw.aliases)} aliases{extra}")

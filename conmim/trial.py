@@ -35,6 +35,7 @@ class TrialResult:
     node_id: str = ""
     probe_encoder: str = ""                   # the encoder knn_top1 / linear_probe_top1 were measured on
     step_losses: Optional[list] = None
+    warnings: list = field(default_factory=list)  # the data pre-flight's (conmim.data.preflight)
 
     def to_json(self) -> dict:
         d = {**self.metrics, **self.flags, **self.timings}
@@ -52,7 +53,8 @@ class TrialResult:
                    flags={k: bool(d.get(k)) for k in FLAGS}, canonical_hash=d.get("canonical_hash", ""),
                    config=d.get("config", {}), pretrain_history=d.get("pretrain_history", []),
                    finetune_history=d.get("finetune_history", []), node_id=d.get("node_id") or "",
-                   probe_encoder=d.get("probe_encoder", ""), step_losses=d.get("step_losses"))
+                   probe_encoder=d.get("probe_encoder", ""), step_losses=d.get("step_losses"),
+                   warnings=d.get("warnings", []))
 
     def write(self, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
@@ -183,11 +185,13 @@ def run_phases(cfg: ExperimentConfig, pre_session, ft_session) -> TrialResult:
     return make_result(cfg, carry, num_classes)
 
 
-def run_in_process(cfg: ExperimentConfig, out: str | Path, device: str = "cpu") -> TrialResult:
+def run_in_process(cfg: ExperimentConfig, out: str | Path, device: str = "cpu",
+                   warnings: Optional[list] = None) -> TrialResult:
     from conmim.train.session import LocalSession
     out = Path(out)
     t0 = time.time()
     result = run_phases(cfg, LocalSession(out, "pretrain", device), LocalSession(out, "finetune", device))
     result.timings["wall_seconds"] = time.time() - t0
+    result.warnings = list(warnings or [])
     result.write(out)
     return result

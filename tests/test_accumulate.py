@@ -119,8 +119,13 @@ def test_indivisible_batch_exits_2_naming_the_keys(sets, keys):
 
 
 def test_validate_prints_the_per_gpu_batch(tmp_path):
-    (tmp_path / "train").mkdir()
-    sets = ["data.root=" + str(tmp_path)]
+    from PIL import Image
+    # enough images for the preset's batch of 2048 (the data pre-flight refuses a smaller set)
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(1030):
+            Image.new("RGB", (8, 8)).save(tmp_path / "train" / c / f"{i}.png")
+    sets = ["data.root=" + str(tmp_path), "data.val_size=10"]
     runs = {
         (): "# per-worker batch: pretrain 64 (2048 / 32 workers / accumulate 1), "
             "finetune 32 (1024 / 32 workers / accumulate 1)",

@@ -35,7 +35,10 @@ def test_every_shipped_sweep_resolves_at_paper_scale(path, tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / split / "n01440764" / "0.png")
     res = CliRunner().invoke(main, ["sweep", str(path), "--dry-run", "--set", "base=vit-b16-imagenet",
                                     "--set", f"base.set.data.root={tmp_path}"])
-    assert res.exit_code == 0, res.output
+    # the config resolves at paper scale; the one-image folder cannot serve it, which the data
+    # pre-flight (conmim/data/preflight.py) says after resolving it: exit 2, the paper's batch named
+    assert res.exit_code == 2, res.output
+    assert "pretrain.batch_size=2048 is larger than the 1 training images" in res.output, res.output
     sw = load_sweep(str(path), ["base=vit-b16-imagenet", f"base.set.data.root={tmp_path}"])
     cfg = sw.distinct[0].config
     assert (cfg.model.name, cfg.model.img_size, cfg.data.name) == ("beit_base_patch16_224", 224, "imagefolder")

@@ -220,6 +220,13 @@ class ExperimentConfig(Strict):
                     f"{phase}.accumulate={p.accumulate} = {w * p.accumulate} (it is the global batch; each worker "
                     f"computes {phase}.accumulate micro-batches of batch_size / (num_workers x accumulate) "
                     f"images per step)")
+        f = self.finetune
+        if (f.mixup > 0 or f.cutmix > 0) and self.micro_batch("finetune") % 2:
+            raise ValueError(
+                f"finetune.mixup={f.mixup} / finetune.cutmix={f.cutmix} pair the images of a micro-batch, so it must be "
+                f"even, but finetune.batch_size={f.batch_size} / (resources.num_workers={self.resources.num_workers} x "
+                f"finetune.accumulate={f.accumulate}) = {self.micro_batch('finetune')}; change one of them, or set "
+                f"finetune.mixup=0 and finetune.cutmix=0")
         if self.pretrain.compile in CUDA_GRAPH_MODES and self.pretrain.accumulate > 1:
             raise ValueError(
                 f"pretrain.compile={self.pretrain.compile} (CUDA graphs) cannot be combined with pretrain.accumulate="

@@ -25,12 +25,12 @@ import torch
 
 from conmim.config.experiment import DataConfig
 from conmim.config.data_paths import FASHION_MNIST_FILES, DataMissing, fashion_mnist_root, idx_path, missing_data_message
+from conmim.data.listing import imagefolder_classes, imagefolder_files, split_plan
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 FASHION_MNIST_STATS = ((0.2860,) * 3, (0.3530,) * 3)
-SPLIT_SEED = 20230101  # the train/val split never changes with the experiment's seed
 
 
 @dataclass
@@ -124,21 +124,14 @@ def _fashion_mnist(dcfg) -> dict[str, ImageSet]:
 
 def _imagefolder(dcfg) -> dict[str, ImageSet]:
     root = Path(dcfg.root)
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    cidx = {c: i for i, c in enumerate(classes)}
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG"}
+    classes = imagefolder_classes(root)
 
     def scan(split):
-        files, labels = [], []
-        base = root / split
-        if not base.is_dir():
+        listed = imagefolder_files(root, split, classes)
+        if listed is None:
             return None
-        for c in classes:
-            for f in sorted((base / c).iterdir()) if (base / c).is_dir() else []:
-                if f.suffix in exts or f.suffix.lower() in exts:
-                    files.append(str(f))
-                    labels.append(cidx[c])
-        return ImageSet(np.asarray(labels, dtype=np.int64), len(classes), *IMAGENET_STATS, files=files)
+        files, labels = listed
+        return ImageSet(labels, len(classes), *IMAGENET_STATS, files=files)
 
     return {"train": scan("train"), "test": scan("val") or scan("test")}
 
@@ -222,17 +215,9 @@ def load_splits(dcfg) -> dict[str, ImageSet]:
     if msg and not dcfg.download:
         raise DataMissing(msg)
     base = _load(dcfg.name, dcfg.root, dcfg.download)
-    full = base["train"]
-    perm = np.random.default_rng(SPLIT_SEED).permutation(len(full))
-    val_size = min(dcfg.val_size, len(full) // 5)
-    val, train = full.take(perm[:val_size]), full.take(perm[val_size:])
-    test = base["test"] if base.get("test") is not None and len(base["test"]) else val
-    if dcfg.subset:
-        train = train.take(np.arange(min(dcfg.subset, len(train))))
-    if dcfg.eval_subset:
-        val = val.take(np.arange(min(dcfg.eval_subset, len(val))))
-        test = test.take(np.arange(min(dcfg.eval_subset, len(test))))
-    return {"train": train, "val": val, "test": test}
+    has_test = base.get("test") is not None and len(base["test"])
+    plan = split_plan(len(base["train"]), len(base["test"]) if has_test else 0, dcfg)
+    return {split: base[source].take(index) for split, (source, index) in plan.items()}
 
 
 def write_parquet(name: str, out: str, root: Optional[str] = None, limit: Optional[int] = None) -> int:

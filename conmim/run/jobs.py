@@ -240,6 +240,8 @@ def submit_sweep(sweep_file: str, sets: tuple[str, ...], resume: bool, address: 
     check_transport(address, insecure_http)
     sweep = load_sweep(sweep_file, list(sets), check_paths=False)  # the data lives on the cluster
     check_cluster_sweep(sweep)
+    from conmim.data.preflight import check_sweep
+    check_sweep(sweep, local_only=True, echo=echo)  # data found here is checked before anything is sent
     jc = client(address, insecure_http)
     job_id = f"conmim-{sweep.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     with staged_project(sweep_file) as (work, entry):

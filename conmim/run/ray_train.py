@@ -151,18 +151,22 @@ def _fit(trainer, out: Path):
     return result
 
 
-def run_trial(cfg: ExperimentConfig, out: Path, storage: Optional[str] = None, callbacks=None) -> TrialResult:
-    """Pre-train, probe and fine-tune in one Ray Train run; writes ``out/result.json`` once."""
+def run_trial(cfg: ExperimentConfig, out: Path, storage: Optional[str] = None, callbacks=None,
+              warnings: Optional[list] = None) -> TrialResult:
+    """Pre-train, probe and fine-tune in one Ray Train run; writes ``out/result.json`` once, with
+    the data pre-flight's ``warnings``."""
     t0 = time.time()
     result = _fit(_trainer(cfg, out, "trial", storage, callbacks=callbacks), out).return_value
     result.timings["wall_seconds"] = time.time() - t0
+    result.warnings = list(warnings or [])
     result.write(out)
     return result
 
 
-def run_on_ray(cfg: ExperimentConfig, out: Path, address: Optional[str] = None) -> TrialResult:
+def run_on_ray(cfg: ExperimentConfig, out: Path, address: Optional[str] = None,
+               warnings: Optional[list] = None) -> TrialResult:
     ensure_ray(address)
-    return run_trial(cfg, out)
+    return run_trial(cfg, out, warnings=warnings)
 
 
 def pretrain_phase(cfg: ExperimentConfig, out: Path, storage: Optional[str] = None):

@@ -25,8 +25,12 @@ from conmim.tracking import client as mlflow_runs
 from conmim.tracking import tags as T
 
 
-def preflight(sweep: Sweep, resume: bool) -> None:
-    """Everything that can be wrong is found before Ray starts (ConfigError, exit 2)."""
+def preflight(sweep: Sweep, resume: bool, echo=print) -> dict[str, list[str]]:
+    """Everything that can be wrong is found before Ray starts (ConfigError, exit 2), the data
+    first (:mod:`conmim.data.preflight`, before the sweep folder is made); returns each trial's
+    data warnings."""
+    from conmim.data.preflight import check_sweep
+    warnings = check_sweep(sweep, echo=echo)
     d = sweep.dir
     check_storage(d, sweep.spec.min_free_gb)  # writable, and not (nearly) full
     if (d / "sweep.json").exists() and not resume:
@@ -38,6 +42,7 @@ def preflight(sweep: Sweep, resume: bool) -> None:
         mlflow_runs.check_reachable(sweep.tracking_uri)
     except mlflow_runs.TrackingUnavailable as e:
         raise ConfigError(str(e)) from None
+    return warnings
 
 
 def sweep_digest(sweep: Sweep) -> str:
@@ -138,7 +143,9 @@ def _start_runs(sweep: Sweep) -> dict:
 def run_sweep(sweep: Sweep, resume: bool = False, report: bool = True, echo=print) -> dict:
     """Run (or resume) a sweep; returns counts by status. Bad input raises ConfigError first.
     ``echo`` gets the console's lines (one per trial event, a progress bar, where things are)."""
-    preflight(sweep, resume)
+    data_warnings = preflight(sweep, resume, echo)
+    for w in dict.fromkeys(w for ws in data_warnings.values() for w in ws):
+        echo(f"warning: {w}")
     from conmim.run.ray_train import ensure_ray
     d, uri = sweep.dir, sweep.tracking_uri
     state = _start_runs(sweep)
@@ -150,7 +157,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, report: bool = True, echo=prin
     records = {r["name"]: r for r in _records(sweep) if r["alias_of"] is None}
     info = {"sweep_dir": str(d), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id,
             "trials": records if sweep.spec.search == "grid" else {}, "aliases": aliases,
-            "git": mlflow_runs.git_commit(), "base_config": sweep.distinct[0].config.to_dict()}
+            "git": mlflow_runs.git_commit(), "base_config": sweep.distinct[0].config.to_dict(),
+            "warnings": data_warnings}
     write_results(d)
 
     # Per-epoch reports carry pre-training/fine-tuning curves; the searcher's final metric comes

@@ -40,7 +40,8 @@ def _sampled_trial(params: dict, info: dict, sweep_dir: Path) -> dict:
 
 def _tags(rec: dict, info: dict, ray_trial_id: str) -> dict:
     aliases = info["aliases"].get(rec["name"], [])
-    return {T.VARIANT: rec["variant"], T.SEED: str(rec["seed"]), T.CANONICAL_HASH: rec["key"],
+    warnings = info.get("warnings", {}).get(rec["name"])
+    return {**({T.WARNING: "; ".join(warnings)[:5000]} if warnings else {}),T.VARIANT: rec["variant"], T.SEED: str(rec["seed"]), T.CANONICAL_HASH: rec["key"],
             T.ALIASES: ",".join(a["name"] for a in aliases) or "-",
             T.ALIAS_RECORDS: json.dumps(aliases, default=str)[:5000],
             T.OVERRIDES: json.dumps(rec["overrides"], sort_keys=True, default=str)[:5000],
@@ -75,7 +76,8 @@ def run_one_trial(params: dict, info: dict) -> None:
     mlflow_runs.log_config(uri, run_id, cfg.to_dict(), out / "config.yaml")  # credentials masked
     pending = out / PENDING_FILE  # per-epoch metrics wait here while MLflow is unreachable
     try:
-        res = run_trial(cfg, out, callbacks=[TuneReportCallback(), EpochLogger(uri, run_id, pending)])
+        res = run_trial(cfg, out, callbacks=[TuneReportCallback(), EpochLogger(uri, run_id, pending)],
+                        warnings=info.get("warnings", {}).get(name))
     except TrialRunFailed as e:  # a divergence (NaN loss) included
         if why := stopping(sweep_dir):  # the workers went down with the sweep: killed, not failed
             mlflow_runs.end_run(uri, run_id, "KILLED", why)
@@ -99,8 +101,8 @@ def run_one_trial(params: dict, info: dict) -> None:
     c = mlflow_runs.client(uri)
     if res.node_id:
         mlflow_runs.retry(c.set_tag, run_id, T.NODE_ID, res.node_id)
-    if res.flags["collapsed"] or res.flags["at_chance"]:
-        mlflow_runs.retry(c.set_tag, run_id, T.WARNING,
-                          "collapsed pre-training" if res.flags["collapsed"] else "fine-tuned top-1 at chance")
+    if res.flags["collapsed"] or res.flags["at_chance"]:  # (after the data's warnings, if any)
+        mlflow_runs.retry(c.set_tag, run_id, T.WARNING, "; ".join(
+            res.warnings + ["collapsed pre-training" if res.flags["collapsed"] else "fine-tuned top-1 at chance"])[:5000])
     mlflow_runs.end_run(uri, run_id, "FINISHED")
     tune.report({**final, "status": "finished"})
