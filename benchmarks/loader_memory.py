@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+METRICS = ("rss", "pss", "anon", "dirty")
 APPROACHES = {"bytes": "one Python bytes per image (before)",
               "arrow": "Arrow buffers in memory (default)",
               "mmap": "Arrow IPC memory-mapped (data.cache_dir)"}
@@ -68,12 +69,16 @@ def make_set(out: Path, n: int, size: int) -> Path:
 
 
 def smaps(pid: int) -> dict:
-    """RSS, PSS and USS (private clean + dirty) in bytes from /proc/<pid>/smaps_rollup."""
+    """From /proc/<pid>/smaps_rollup, in bytes: RSS; PSS; ``anon``: PSS of anonymous memory (the
+    share of heap pages, without mapped file pages, which the page cache holds once per node);
+    USS (private clean + dirty: file pages only this process maps count too); ``dirty``: private
+    dirty pages (those it wrote -- the copies copy-on-write makes)."""
     fields = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         k, v = line.split(":", 1)
         fields[k] = int(v.split()[0]) * 1024
-    return {"rss": fields["Rss"], "pss": fields["Pss"], "uss": fields["Private_Clean"] + fields["Private_Dirty"]}
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "anon": fields["Pss_Anon"],
+            "uss": fields["Private_Clean"] + fields["Private_Dirty"], "dirty": fields["Private_Dirty"]}
 
 
 def old_source(root: Path):
@@ -113,19 +118,25 @@ def rank(a) -> None:
         return train.batch(index, a.crop, crop=crop).sum()  # the sum: the batch itself is not what is measured
 
     sampler = EpochsOfBatches(len(train), a.batch * a.ranks, a.rank, a.ranks, 0, 0, a.epochs)
+    steps = per_epoch // a.ranks
+    # how many distinct images each worker has read by the end of each epoch (batch i goes to
+    # worker i % N), counted before the loader starts so that counting costs nothing measured
+    items = [index for _, index in sampler]
+    seen_by = np.zeros((a.workers, len(train)), dtype=bool)
+    seen = []
+    for e in range(a.epochs):
+        for i in range(e * steps, (e + 1) * steps):
+            seen_by[i % a.workers, items[i]] = True
+        seen.append(seen_by.sum(1).tolist())
+    del items, seen_by
     loader = iter(batches(make, sampler, a.workers))
     workers = [w.pid for w in loader._workers]
-    # which images each worker read by the end of each epoch (batch i goes to worker i % N)
-    items = list(sampler)
-    seen = [set() for _ in workers]
     t0 = time.time()
     for e in range(a.epochs):
-        for _ in range(per_epoch // a.ranks):
+        for _ in range(steps):
             next(loader)
-        for i in range(e * (per_epoch // a.ranks), (e + 1) * (per_epoch // a.ranks)):
-            seen[i % len(workers)].update(items[i][1].tolist())
         print(json.dumps({"epoch": e + 1, "rank": smaps(os.getpid()), "workers": [smaps(p) for p in workers],
-                          "seen": [len(s) for s in seen], "seconds": time.time() - t0}), flush=True)
+                          "seen": seen[e], "seconds": time.time() - t0}), flush=True)
     del loader
 
 
@@ -182,24 +193,26 @@ def main() -> None:
     for k, ranks in results.items():
         epochs = len(ranks[0])
         node_pss = [sum(r[e]["rank"]["pss"] + sum(w["pss"] for w in r[e]["workers"]) for r in ranks) for e in range(epochs)]
-        worst_worker = {m: max((max(w[m] for w in r[-1]["workers"]) for r in ranks)) for m in ("rss", "pss", "uss")}
+        worst_worker = {m: max((max(w[m] for w in r[-1]["workers"]) for r in ranks)) for m in METRICS}
         per_proc = {m: max(growth([r[e][who][m] if who == "rank" else r[e]["workers"][i][m] for e in range(epochs)])
                            for r in ranks for who, i in [("rank", 0)] + [("workers", i) for i in range(a.workers)])
-                    for m in ("rss", "pss", "uss")}
+                    for m in METRICS}
         # private bytes a worker gains per image it reads for the first time (after warm-up)
-        gained = [(r[-1]["workers"][i]["uss"] - r[0]["workers"][i]["uss"]) / max(1, r[-1]["seen"][i] - r[0]["seen"][i])
+        # (from the end of epoch 2: a worker's buffers -- decoder, allocator arenas -- settle in its first epochs)
+        f = 1 if epochs >= 3 else 0
+        gained = [(r[-1]["workers"][i]["dirty"] - r[f]["workers"][i]["dirty"]) / max(1, r[-1]["seen"][i] - r[f]["seen"][i])
                   for r in ranks for i in range(a.workers)]
         summary[k] = {"per_proc": per_proc, "per_image": float(np.mean(gained)), "node": growth(node_pss),
                       "rank_uss": max(r[-1]["rank"]["uss"] for r in ranks),
-                      "worker_uss": worst_worker["uss"], "seconds": max(r[-1]["seconds"] for r in ranks)}
-        w_uss = [max(max(w["uss"] for w in r[e]["workers"]) for r in ranks) / 2**20 for e in range(epochs)]
+                      "worker_dirty": worst_worker["dirty"], "seconds": max(r[-1]["seconds"] for r in ranks)}
+        w_uss = [max(max(w["dirty"] for w in r[e]["workers"]) for r in ranks) / 2**20 for e in range(epochs)]
         w_pss = [max(max(w["pss"] for w in r[e]["workers"]) for r in ranks) / 2**20 for e in range(epochs)]
         print(f"  {APPROACHES[k]}:")
-        print(f"    worker USS {' '.join(f'{v:7.1f}' for v in w_uss)}   growth after warm-up {growth(w_uss):+.1f} %")
-        print(f"    worker PSS {' '.join(f'{v:7.1f}' for v in w_pss)}   growth after warm-up {growth(w_pss):+.1f} %")
-        print(f"    node PSS   {' '.join(f'{v / 2**20:7.1f}' for v in node_pss)}   (all {a.ranks} ranks and their workers)")
+        print(f"    worker private dirty {' '.join(f'{v:7.1f}' for v in w_uss)}   growth after warm-up {growth(w_uss):+.1f} %")
+        print(f"    worker PSS           {' '.join(f'{v:7.1f}' for v in w_pss)}   growth after warm-up {growth(w_pss):+.1f} %")
+        print(f"    node PSS             {' '.join(f'{v / 2**20:7.1f}' for v in node_pss)}   (all {a.ranks} ranks and their workers)")
         print(f"    largest growth of one process after warm-up: RSS {per_proc['rss']:+.1f} %, PSS {per_proc['pss']:+.1f} %,"
-              f" USS {per_proc['uss']:+.1f} %; a worker's private memory grows "
+              f" PSS of anonymous memory {per_proc['anon']:+.1f} %, private dirty {per_proc['dirty']:+.1f} %; a worker's written memory grows "
               f"{summary[k]['per_image']:.0f} B per image it reads the first time; {summary[k]['seconds']:.0f} s")
 
     # ImageNet, a node of 8 ranks x 16 workers, after enough epochs that every worker has read every image
@@ -208,20 +221,21 @@ def main() -> None:
           f"({IMAGENET_TRAIN:,} images, {IMAGENET_TRAIN_BYTES / 1e9:.0f} GB of JPEGs):")
     for k in APPROACHES:
         s = summary[k]
-        per_worker = IMAGENET_TRAIN * max(0.0, s["per_image"]) + s["worker_uss"]
+        per_worker = IMAGENET_TRAIN * max(0.0, s["per_image"]) + s["worker_dirty"]
         held = IMAGENET_TRAIN_BYTES * (1 if k == "mmap" else n_ranks)  # the images: once (page cache) or per rank
         total = held + n_ranks * n_workers * per_worker
         where = "once, in the page cache" if k == "mmap" else f"in each of the {n_ranks} ranks"
         print(f"  {APPROACHES[k]}: images {held / 1e9:,.0f} GB ({where}) + {n_ranks * n_workers} workers x "
               f"{per_worker / 1e9:.2f} GB = {total / 1e9:,.0f} GB")
-    print(f"(per worker: {IMAGENET_TRAIN:,} images x the private bytes each gained per image above + its own USS here;"
+    print(f"(per worker: {IMAGENET_TRAIN:,} images x the bytes it wrote per image above + its private dirty memory here;"
           f" wall time {time.time() - t0:.0f} s)")
     for k in APPROACHES:
         s = summary[k]
         print(f"{APPROACHES[k]}: after warm-up, node PSS {s['node']:+.1f} %, the most of one process: "
-              f"PSS {s['per_proc']['pss']:+.1f} %, USS {s['per_proc']['uss']:+.1f} %")
-    print("(memory-mapped: a process's RSS and PSS rise as it maps more pages of the one shared copy -- its share "
-          "of them -- while its private memory (USS) and the node's total stay flat)")
+              f"PSS {s['per_proc']['pss']:+.1f} %, PSS of anonymous memory {s['per_proc']['anon']:+.1f} %, "
+              f"private dirty {s['per_proc']['dirty']:+.1f} %")
+    print("(memory-mapped: a process's RSS and PSS rise as it maps more pages of the one shared copy in the page "
+          "cache -- its share of them -- while its anonymous memory and what it writes stay flat)")
     print(f"RSS growth after warm-up: {summary['arrow']['per_proc']['pss']:.1f} % per process")
 
 

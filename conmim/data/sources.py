@@ -241,13 +241,12 @@ def parquet_files(root: str) -> tuple[object, list[str]]:
 SPLIT_CODES = {"train": 0, "test": 1}  # any other split value is not read
 
 
-def _shard_table(f: str, fs, cache_dir: Optional[str]):
+def _shard_table(f: str, fs, columns: list[str], cache_dir: Optional[str]):
     """The shard's (image, label, split) columns as an Arrow table: read into memory, or -- with
     ``cache_dir`` -- memory-mapped from an Arrow IPC copy in that (node-local) folder, written
     once by whichever rank of the node comes first while the others wait on a file lock."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    columns = [c for c in ("image", "label", "split") if c in pq.read_schema(f, filesystem=fs).names]
     if cache_dir is None:
         return pq.read_table(f, filesystem=fs, columns=columns)
     import fcntl
@@ -285,8 +284,7 @@ def _parquet(dcfg, cache_dir: Optional[str] = None) -> dict[str, ImageSet]:
     import pyarrow.fs as pafs
     manifest, prefix = None, _fs_path(fs, root).rstrip("/") + "/"
     if fs.get_file_info(_fs_path(fs, root)).type == pafs.FileType.Directory:
-        found = {f[len(prefix):]: fs.get_file_info(f).size for f in files}
-        manifest = shards_manifest.check_manifest(root, found)
+        manifest = shards_manifest.check_manifest(root, shards_manifest.list_shards(root))
     images, labels, split, meta = [], [], [], None
     for f in files:
         schema = pq.read_schema(f, filesystem=fs)
@@ -294,7 +292,7 @@ def _parquet(dcfg, cache_dir: Optional[str] = None) -> dict[str, ImageSet]:
         if not {"image", "label"} <= cols:
             raise DataMissing(f"data.root: parquet '{f}' needs columns image (bytes) and label (int); it has {sorted(cols)}.")
         meta = schema.metadata if meta is None else meta
-        table = _shard_table(f, fs, cache_dir)
+        table = _shard_table(f, fs, [c for c in ("image", "label", "split") if c in cols], cache_dir)
         if manifest is not None:
             shards_manifest.check_shard(root, manifest, f[len(prefix):], table.num_rows, schema.metadata)
         images.append(EncodedImages.from_arrow(table.column("image")))
