@@ -10,12 +10,12 @@ writes its reference count, so the page holding each image's header becomes a pr
 every worker that reads it, and a worker reads new images every epoch. Slices of an Arrow buffer
 have no reference count to write.
 
-    python benchmarks/loader_memory.py [--images 20000] [--size 224] [--ranks 2] [--workers 4] [--epochs 5]
+    python benchmarks/loader_memory.py [--images 20000] [--size 224] [--ranks 2] [--workers 4] [--epochs 6] [--warmup 2]
 
 It then estimates the memory of a node of 8 ranks x 16 workers on ImageNet's train set, and its
 last line is ``RSS growth after warm-up: X % per process``: the largest growth of any process's
-PSS (its resident memory, shared pages counted by their share) from the end of the first epoch
-(warm-up) to the end of the last, with the Arrow buffers in memory (the default).
+PSS (its resident memory, shared pages counted by their share) from the end of the warm-up
+epochs to the end of the last, with the Arrow buffers in memory (the default).
 """
 from __future__ import annotations
 
@@ -155,9 +155,13 @@ def run_approach(a, approach: str, root: Path, cache: Path) -> list[list[dict]]:
     return out
 
 
+WARMUP = [1]  # epochs of warm-up (--warmup): a worker's heaps (decoder, allocator arenas) settle in its first ~100 batches
+
+
 def growth(series: list[float]) -> float:
-    """% from the end of epoch 1 (warm-up) to the end of the last."""
-    return 100.0 * (series[-1] - series[0]) / series[0]
+    """% from the end of the warm-up epochs to the end of the last."""
+    start = series[WARMUP[0] - 1]
+    return 100.0 * (series[-1] - start) / start
 
 
 def main() -> None:
@@ -166,8 +170,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224, help="side of the (upsampled) JPEGs")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=64, help="images per batch and rank")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2, help="epochs of warm-up, not counted in the growth")
+    ap.add_argument("--batch", type=int, default=32, help="images per batch and rank")
     ap.add_argument("--crop", type=int, default=32, help="output side (small: the decode is not what is measured)")
     ap.add_argument("--data", type=Path, default=None, help="folder for the set (default: a temporary one)")
     ap.add_argument("--rank-of", choices=list(APPROACHES), help=argparse.SUPPRESS)
@@ -179,6 +184,7 @@ def main() -> None:
         a.approach = a.rank_of
         return rank(a)
 
+    WARMUP[0] = max(1, min(a.warmup, a.epochs - 1))
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         root = a.data or Path(tmp) / "set"
@@ -188,7 +194,8 @@ def main() -> None:
         print(f"set: {a.images} JPEGs {a.size}x{a.size} q90, {set_bytes / 2**20:.1f} MiB of Parquet; "
               f"{a.ranks} ranks x {a.workers} loader workers (forked), {a.epochs} epochs, {os.cpu_count()} cores")
         results = {k: run_approach(a, k, root, Path(tmp) / "cache") for k in APPROACHES}
-    print(f"\nper process, MiB at the end of epochs 1..{a.epochs} (worker: the largest of the {a.ranks * a.workers})")
+    print(f"\nper process, MiB at the end of epochs 1..{a.epochs} (worker: the largest of the {a.ranks * a.workers}); "
+          f"growth from the end of epoch {WARMUP[0]} (warm-up) to the end of the last")
     summary = {}
     for k, ranks in results.items():
         epochs = len(ranks[0])
@@ -198,8 +205,7 @@ def main() -> None:
                            for r in ranks for who, i in [("rank", 0)] + [("workers", i) for i in range(a.workers)])
                     for m in METRICS}
         # private bytes a worker gains per image it reads for the first time (after warm-up)
-        # (from the end of epoch 2: a worker's buffers -- decoder, allocator arenas -- settle in its first epochs)
-        f = 1 if epochs >= 3 else 0
+        f = WARMUP[0] - 1
         gained = [(r[-1]["workers"][i]["dirty"] - r[f]["workers"][i]["dirty"]) / max(1, r[-1]["seen"][i] - r[f]["seen"][i])
                   for r in ranks for i in range(a.workers)]
         summary[k] = {"per_proc": per_proc, "per_image": float(np.mean(gained)), "node": growth(node_pss),
