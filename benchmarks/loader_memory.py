@@ -104,12 +104,13 @@ def rank(a) -> None:
     from conmim.data.geometry import PerImageCrop
     from conmim.data.sampler import EpochsOfBatches, batches
     from conmim.data.sources import ImageSet, _parquet
+    import warnings
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than this VM's cores
     torch.set_num_threads(1)
     if a.approach == "bytes":
         train = old_source(Path(a.root))
     else:
-        full = _parquet(DataConfig(name="parquet", root=a.root), a.cache_dir if a.approach == "mmap" else None)["train"]
-        train = full
+        train = _parquet(DataConfig(name="parquet", root=a.root), a.cache_dir if a.approach == "mmap" else None)["train"]
     assert isinstance(train, ImageSet) and not train.fixed_size
     per_epoch = len(train) // a.batch
 
