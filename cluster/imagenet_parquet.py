@@ -16,7 +16,11 @@ cluster/kuberay/imagenet-data-job.yaml):
      train/ folder names, as data.name=imagefolder numbers them), split (train | test: ImageNet's
      validation set is conmim's test set, as with imagefolder). Shards are written under a hidden
      temporary name and renamed when complete, so a killed run is continued by running it again
-     (finished shards are kept); `_manifest.json` is written last.
+     (finished shards are kept). `_manifest.json` is written first, marked incomplete, with the
+     planned shards, and again once all are written, with their sizes; every shard carries the
+     run's settings in its metadata. A re-run with other settings, or into a folder holding
+     shards of another conversion, is refused: conmim refuses to train on a mixed set
+     (conmim/data/manifest.py).
 
 Then train with data.name=parquet data.root=/mnt/datasets/imagenet-parquet (a folder of shards,
 or an s3:// / gs:// prefix). This file uses only the standard library, pyarrow and (for
@@ -36,7 +40,9 @@ from pathlib import Path
 
 # the file types conmim's imagefolder source reads (conmim/data.py), so both number images alike
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-MANIFEST = "_manifest.json"
+MANIFEST = "_manifest.json"            # as conmim.data.manifest.MANIFEST reads it
+SHARD_METADATA = b"conmim.shard"       # a shard's settings, as conmim.data.manifest.SHARD_METADATA
+JPEG_QUALITY = 90                      # of the images --resize-shorter re-encodes
 
 
 def _is_image(p: Path) -> bool:
@@ -136,21 +142,22 @@ def _encoded(path: str, resize_shorter: int | None) -> bytes:
     s = resize_shorter / min(w, h)
     im = im.convert("RGB").resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=90)
+    im.save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
 
 
-def _write_shard(job: tuple[str, list[tuple[str, str, int]], int | None]) -> tuple[str, int, int]:
+def _write_shard(job: tuple[str, list[tuple[str, str, int]], dict]) -> tuple[str, int, int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    dest, rows, resize_shorter = job
+    dest, rows, settings = job
     dest = Path(dest)
-    if dest.exists():
+    if dest.exists():  # a finished shard of this conversion (write_shards checked its settings)
         return dest.name, len(rows), dest.stat().st_size
-    images = [_encoded(f, resize_shorter) for _, f, _ in rows]
+    images = [_encoded(f, settings["resize_shorter"]) for _, f, _ in rows]
     table = pa.table({"image": pa.array(images, pa.binary()),
                       "label": pa.array([lab for _, _, lab in rows], pa.int64()),
                       "split": pa.array([s for s, _, _ in rows], pa.string())})
+    table = table.replace_schema_metadata({SHARD_METADATA: json.dumps(settings, sort_keys=True).encode()})
     tmp = dest.with_name(f".{dest.name}.tmp")
     # JPEG bytes do not compress; the small columns do
     pq.write_table(table, tmp, compression={"image": "NONE", "label": "ZSTD", "split": "ZSTD"},
@@ -163,25 +170,78 @@ def write_shards(root: Path, out: Path, images_per_shard: int = 1024, workers: i
                  resize_shorter: int | None = None, log=print) -> dict:
     """Write ``out/{train,test}-NNNNN.parquet`` and ``out/_manifest.json``; returns the manifest."""
     classes, rows = scan(root)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {"images_per_shard": images_per_shard, "resize_shorter": resize_shorter, "jpeg_quality": JPEG_QUALITY}
     jobs = []
     for split in ("train", "test"):
         part = [r for r in rows if r[0] == split]
         for k, i in enumerate(range(0, len(part), images_per_shard)):
-            jobs.append((str(out / f"{split}-{k:05d}.parquet"), part[i: i + images_per_shard], resize_shorter))
+            jobs.append((str(out / f"{split}-{k:05d}.parquet"), part[i: i + images_per_shard], settings))
+    planned = {Path(dest).name: len(part) for dest, part, _ in jobs}
+    refuse_mixing(out, root, classes, settings, planned)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {s: sum(1 for r in rows if r[0] == s) for s in ("train", "test")}
+    manifest = {"complete": False, "source": str(root), "classes": len(classes), "images": counts,
+                "shards": len(jobs), "settings": settings,
+                "images_per_shard": images_per_shard, "resize_shorter": resize_shorter,
+                "columns": {"image": "encoded bytes", "label": "int64, sorted train/ class index",
+                            "split": "train | test (ImageNet val)"},
+                "files": {name: {"rows": n} for name, n in planned.items()},
+                "wnids": classes}
+    _write_manifest(out, manifest)  # first: a killed run leaves a manifest that says it is unfinished
     done = 0
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         for name, n, size in pool.map(_write_shard, jobs, chunksize=1):
             done += n
+            manifest["files"][name]["bytes"] = size
             log(f"{name}: {n} images, {size / 2**20:.1f} MiB  ({done}/{len(rows)})")
-    counts = {s: sum(1 for r in rows if r[0] == s) for s in ("train", "test")}
-    manifest = {"source": str(root), "classes": len(classes), "images": counts, "shards": len(jobs),
-                "images_per_shard": images_per_shard, "resize_shorter": resize_shorter,
-                "columns": {"image": "encoded bytes", "label": "int64, sorted train/ class index",
-                            "split": "train | test (ImageNet val)"},
-                "wnids": classes}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
     return manifest
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+
+
+def refuse_mixing(out: Path, root: Path, classes: list[str], settings: dict, planned: dict[str, int]) -> None:
+    """Refuse (SystemExit, nothing written) to add shards to a folder that holds another
+    conversion's: other settings, another source or other classes in its manifest, shards it
+    would not write, shards stamped with other settings or holding other row counts."""
+    if not out.is_dir():
+        return
+    again = "use an empty folder, or the settings of the shards already there"
+    old = None
+    if (out / MANIFEST).is_file():
+        try:
+            old = json.loads((out / MANIFEST).read_text())
+        except ValueError:
+            raise SystemExit(f"shards: {out / MANIFEST} is unreadable; {again}") from None
+        old_settings = old.get("settings") or {k: old[k] for k in ("images_per_shard", "resize_shorter") if k in old}
+        differ = sorted(k for k in old_settings if old_settings[k] != settings.get(k))
+        if differ:
+            raise SystemExit(f"shards: {out} holds shards written with other settings ("
+                             + ", ".join(f"{k}={old_settings[k]}, now {settings.get(k)}" for k in differ)
+                             + f"); mixing them would make a set conmim refuses; {again}")
+        if old.get("source") != str(root) or old.get("wnids", classes) != classes:
+            raise SystemExit(f"shards: {out} holds shards of another source ({old.get('source')}, "
+                             f"{old.get('classes')} classes; now {root}, {len(classes)}); {again}")
+    import pyarrow.parquet as pq
+    for f in sorted(out.glob("*.parquet")):
+        if f.name not in planned:
+            raise SystemExit(f"shards: {out} holds {f.name}, which this conversion would not write (another "
+                             f"conversion's shard); {again}")
+        meta = pq.read_schema(f).metadata or {}
+        stamp = json.loads(meta[SHARD_METADATA]) if SHARD_METADATA in meta else None
+        if stamp is None and old is None:
+            raise SystemExit(f"shards: {out} holds {f.name} without settings or a manifest: cannot tell whether "
+                             f"this conversion wrote it; {again}")
+        if stamp is not None and stamp != settings:
+            raise SystemExit(f"shards: {f} was written with other settings ({stamp}, now {settings}); {again}")
+        if pq.read_metadata(f).num_rows != planned[f.name]:
+            raise SystemExit(f"shards: {f} holds {pq.read_metadata(f).num_rows} images, this conversion puts "
+                             f"{planned[f.name]} there (the source changed?); {again}")
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,11 @@ class DataConfig(Strict):
                              "masks; benchmarks/input_pipeline.py says how many a GPU needs)")
     decode_draft: bool = Field(True, description="JPEG sources: decode at 1/2, 1/4 or 1/8 size when the crop still "
                                "spans the output size at that scale (PIL Image.draft; much cheaper, nearly the same pixels)")
+    cache_dir: Optional[str] = Field(None, description="parquet only: a node-local folder for an Arrow IPC copy of "
+                                     "the shards, memory-mapped so that every rank and loader worker of a node shares "
+                                     "one copy of the images through the page cache (needs the set's size free on "
+                                     "that disk); unset: each rank holds the images in its own memory, shared with its "
+                                     "loader workers. Where a copy lies does not change the experiment (not in its id)")
 
 
 class ModelConfig(Strict):
@@ -303,6 +308,7 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
     """Stable id of the experiment a config describes (resources do not change the experiment)."""
     d = canonical(cfg).to_dict()
     d.pop("resources")
+    d["data"].pop("cache_dir")  # where the images are cached, not which images
     for (section, key), default in ADDED_LATER.items():
         if d[section][key] == default:
             del d[section][key]

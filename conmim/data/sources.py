@@ -5,7 +5,10 @@
   the official 10k test images.
 * ``imagefolder``: ImageNet layout, ``root/train/<class>/*`` and ``root/val/<class>/*``.
 * ``parquet``: rows of (``image``: encoded bytes, ``label``: int, ``split``: train|test), in one
-  file or a folder of shards, local or on object storage (``s3://``, ``gs://``).
+  file or a folder of shards, local or on object storage (``s3://``, ``gs://``). A folder with a
+  ``_manifest.json`` is checked against it (:mod:`conmim.data.manifest`). The encoded images are
+  held in a few large Arrow buffers (:class:`EncodedImages`), memory-mapped from a node-local
+  Arrow IPC copy when ``data.cache_dir`` is set.
 
 Fixed-size sources hand out uint8 batches and the batched transforms crop them; variable-size
 sources (ImageFolder, Parquet of JPEGs) crop each image as it is decoded, with the same
@@ -52,9 +55,11 @@ class ImageSet:
         return self.pixels is not None
 
     def take(self, keep: np.ndarray) -> "ImageSet":
+        files = self.files
+        if files is not None:
+            files = files.take(keep) if isinstance(files, EncodedImages) else [files[i] for i in keep]
         return ImageSet(self.labels[keep], self.num_classes, self.mean, self.std,
-                        None if self.pixels is None else self.pixels[torch.as_tensor(keep)],
-                        None if self.files is None else [self.files[i] for i in keep])
+                        None if self.pixels is None else self.pixels[torch.as_tensor(keep)], files)
 
     def batch(self, index, size: int, crop=None) -> torch.Tensor:
         """uint8 [B, 3, ., .]: raw pixels for fixed-size sources; for the others each image is
@@ -70,11 +75,78 @@ class ImageSet:
         return torch.stack([_pil_to_uint8(_center(im.convert("RGB"), size)) for im in imgs])
 
 
+class EncodedImages:
+    """Encoded images (JPEG/PNG bytes) as slices of a few large buffers -- one per Arrow chunk --
+    with numpy start/stop offsets, instead of one Python ``bytes`` object per image.
+
+    Why: forked loader workers share their parent's memory copy-on-write, and every read of a
+    Python object writes its reference count, so with 1.28 M ``bytes`` objects each worker came to
+    copy the pages of the whole set over the epochs. Reading a slice of a buffer writes nothing,
+    so the pages stay shared; when the buffers are memory-mapped Arrow IPC files
+    (``data.cache_dir``) the ranks of a node share them too, through the page cache.
+    ``files[i]`` is a ``memoryview`` of image i; :meth:`take` selects without copying bytes."""
+
+    def __init__(self, buffers: list, chunk: np.ndarray, start: np.ndarray, stop: np.ndarray):
+        self.buffers = buffers  # uint8 numpy views of Arrow buffers (in memory or memory-mapped)
+        self.chunk, self.start, self.stop = chunk, start, stop
+
+    @classmethod
+    def from_arrow(cls, column) -> "EncodedImages":
+        """From a (chunked) binary / large_binary Arrow column, its buffers as they are."""
+        import pyarrow as pa
+        buffers, chunk, start, stop = [], [], [], []
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        for arr in chunks:
+            if len(arr) == 0:
+                continue
+            if arr.null_count:
+                raise ValueError("parquet: the image column has null images")
+            _, offsets, data = arr.buffers()
+            dtype = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+            off = np.frombuffer(offsets, dtype=dtype)[arr.offset: arr.offset + len(arr) + 1].astype(np.int64)
+            chunk.append(np.full(len(arr), len(buffers), dtype=np.int32))
+            start.append(off[:-1])
+            stop.append(off[1:])
+            buffers.append(np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8))
+        if not buffers:
+            return cls([], np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return cls(buffers, np.concatenate(chunk), np.concatenate(start), np.concatenate(stop))
+
+    @classmethod
+    def concat(cls, parts: list["EncodedImages"]) -> "EncodedImages":
+        buffers, chunk = [], []
+        for p in parts:
+            chunk.append(p.chunk + len(buffers))
+            buffers += p.buffers
+        return cls(buffers, np.concatenate(chunk) if chunk else np.zeros(0, np.int32),
+                   np.concatenate([p.start for p in parts]) if parts else np.zeros(0, np.int64),
+                   np.concatenate([p.stop for p in parts]) if parts else np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.chunk)
+
+    def __getitem__(self, i) -> memoryview:
+        return memoryview(self.buffers[self.chunk[i]][self.start[i]: self.stop[i]])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def take(self, keep) -> "EncodedImages":
+        keep = np.asarray(keep, dtype=np.int64)
+        return EncodedImages(self.buffers, self.chunk[keep], self.start[keep], self.stop[keep])
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(b.nbytes for b in self.buffers))
+
+
 def _open(item):
     """The image opened (its header read), not yet decoded. A file is read whole first: PIL's
     decoder reading it in chunks from disk cost ~0.3 ms more per 500x375 JPEG."""
     from PIL import Image
-    return Image.open(io.BytesIO(item if isinstance(item, (bytes, bytearray)) else Path(item).read_bytes()))
+    if isinstance(item, (str, Path)):
+        item = Path(item).read_bytes()
+    return Image.open(io.BytesIO(item))
 
 
 def _decode(item):
@@ -159,12 +231,53 @@ def parquet_files(root: str) -> tuple[object, list[str]]:
     return fs, files
 
 
-def _parquet(dcfg) -> dict[str, ImageSet]:
-    """A .parquet file or a folder of shards, read one shard at a time: the images are held as
-    Python bytes (decoded on demand), and each shard's Arrow table is freed before the next is
-    read, so the peak is the images plus one shard -- not twice the dataset."""
+SPLIT_CODES = {"train": 0, "test": 1}  # any other split value is not read
+
+
+def _shard_table(f: str, fs, columns: list[str], cache_dir: Optional[str]):
+    """The shard's (image, label, split) columns as an Arrow table: read into memory, or -- with
+    ``cache_dir`` -- memory-mapped from an Arrow IPC copy in that (node-local) folder, written
+    once by whichever rank of the node comes first while the others wait on a file lock."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    fs, files = parquet_files(str(dcfg.root))
+    if cache_dir is None:
+        return pq.read_table(f, filesystem=fs, columns=columns)
+    import fcntl
+    import hashlib
+    import os
+    info = fs.get_file_info(f)
+    key = hashlib.sha256(f"{fs.type_name}:{f}:{info.size}:{info.mtime_ns}".encode()).hexdigest()[:24]
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    dest = cache / f"{Path(f).stem}-{key}.arrow"
+    if not dest.exists():
+        with open(cache / f".{dest.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not dest.exists():
+                table = pq.read_table(f, filesystem=fs, columns=columns)
+                table = table.cast(pa.schema([pa.field("image", pa.large_binary()) if n == "image" else
+                                              table.schema.field(n) for n in table.schema.names]))
+                tmp = cache / f".{dest.name}.{os.getpid()}.tmp"
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table)
+                os.replace(tmp, dest)
+                del table
+    return pa.ipc.open_file(pa.memory_map(str(dest), "r")).read_all()
+
+
+def _parquet(dcfg, cache_dir: Optional[str] = None) -> dict[str, ImageSet]:
+    """A .parquet file or a folder of shards (checked against its ``_manifest.json``), read one
+    shard at a time into :class:`EncodedImages`: a few large Arrow buffers, not one Python
+    object per image, so the loader workers' memory stays flat (benchmarks/loader_memory.py)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from conmim.data import manifest as shards_manifest
+    root = str(dcfg.root)
+    fs, files = parquet_files(root)
+    import pyarrow.fs as pafs
+    manifest, prefix = None, _fs_path(fs, root).rstrip("/") + "/"
+    if fs.get_file_info(_fs_path(fs, root)).type == pafs.FileType.Directory:
+        manifest = shards_manifest.check_manifest(root, shards_manifest.list_shards(root))
     images, labels, split, meta = [], [], [], None
     for f in files:
         schema = pq.read_schema(f, filesystem=fs)
@@ -172,26 +285,42 @@ def _parquet(dcfg) -> dict[str, ImageSet]:
         if not {"image", "label"} <= cols:
             raise DataMissing(f"data.root: parquet '{f}' needs columns image (bytes) and label (int); it has {sorted(cols)}.")
         meta = schema.metadata if meta is None else meta
-        table = pq.read_table(f, filesystem=fs, columns=[c for c in ("image", "label", "split") if c in cols])
-        images += table.column("image").to_pylist()
-        labels += table.column("label").to_pylist()
-        split += table.column("split").to_pylist() if "split" in cols else ["train"] * table.num_rows
+        table = _shard_table(f, fs, [c for c in ("image", "label", "split") if c in cols], cache_dir)
+        if manifest is not None:
+            shards_manifest.check_shard(root, manifest, f[len(prefix):], table.num_rows, schema.metadata)
+        images.append(EncodedImages.from_arrow(table.column("image")))
+        labels.append(table.column("label").to_numpy().astype(np.int64))
+        if "split" in cols:
+            code = np.full(table.num_rows, -1, dtype=np.int8)
+            for name, c in SPLIT_CODES.items():
+                code[pc.equal(table.column("split"), name).to_numpy(zero_copy_only=False)] = c
+        else:
+            code = np.zeros(table.num_rows, dtype=np.int8)
+        split.append(code)
         del table
-    labels = np.asarray(labels, dtype=np.int64)
-    split = np.asarray(split)
+    images, labels, split = EncodedImages.concat(images), np.concatenate(labels), np.concatenate(split)
     stats = FASHION_MNIST_STATS if meta and b"conmim.stats" in meta else IMAGENET_STATS
-    n_cls = int(labels.max()) + 1
+    if manifest is not None:
+        counts = {s: int((split == c).sum()) for s, c in SPLIT_CODES.items()}
+        n_cls = shards_manifest.check_totals(root, manifest, counts, int(labels.max()))
+    else:
+        n_cls = int(labels.max()) + 1
     first = _decode(images[0])
     out = {}
-    for s in ("train", "test"):
-        keep = np.flatnonzero(split == s)
+    for s, c in SPLIT_CODES.items():
+        keep = np.flatnonzero(split == c)
         if first.size[0] * first.size[1] <= 64 * 64 and len(keep):
             # Small images: decode once into memory and batch them like a fixed-size source.
             arr = np.stack([np.asarray(_decode(images[i]), dtype=np.uint8) for i in keep])
             out[s] = ImageSet(labels[keep], n_cls, *stats, pixels=torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous())
         else:
-            out[s] = ImageSet(labels[keep], n_cls, *stats, files=[images[i] for i in keep])
+            out[s] = ImageSet(labels[keep], n_cls, *stats, files=images.take(keep))
     return out
+
+
+def _fs_path(fs, root: str) -> str:
+    import pyarrow.fs as pafs
+    return pafs.FileSystem.from_uri(root)[1] if "://" in root else str(Path(root).resolve())
 
 
 def labelled_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -204,9 +333,11 @@ def labelled_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray
 
 
 @lru_cache(maxsize=4)
-def _load(name: str, root: Optional[str], download: bool) -> dict[str, ImageSet]:
+def _load(name: str, root: Optional[str], download: bool, cache_dir: Optional[str] = None) -> dict[str, ImageSet]:
     d = DataConfig(name=name, root=root, download=download)
-    return {"fashion-mnist": _fashion_mnist, "imagefolder": _imagefolder, "parquet": _parquet}[name](d)
+    if name == "parquet":
+        return _parquet(d, cache_dir)
+    return {"fashion-mnist": _fashion_mnist, "imagefolder": _imagefolder}[name](d)
 
 
 def load_splits(dcfg) -> dict[str, ImageSet]:
@@ -214,7 +345,7 @@ def load_splits(dcfg) -> dict[str, ImageSet]:
     msg = missing_data_message(dcfg)
     if msg and not dcfg.download:
         raise DataMissing(msg)
-    base = _load(dcfg.name, dcfg.root, dcfg.download)
+    base = _load(dcfg.name, dcfg.root, dcfg.download, dcfg.cache_dir)
     has_test = base.get("test") is not None and len(base["test"])
     plan = split_plan(len(base["train"]), len(base["test"]) if has_test else 0, dcfg)
     return {split: base[source].take(index) for split, (source, index) in plan.items()}
