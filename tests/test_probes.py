@@ -66,3 +66,21 @@ def test_collective_timeout_reaches_ray_train():
     from pathlib import Path
     trainer = _trainer(small_cfg(resources__collective_timeout_s=42), Path("/tmp/unused"), "trial", None)
     assert trainer.backend_config.timeout_s == 42
+
+
+TINY_TIMEOUT_S = 5
+
+
+@pytest.mark.slow
+def test_a_long_probe_phase_outlives_a_tiny_collective_timeout(ray_session, small, tmp_path):
+    """A probe phase several times longer than resources.collective_timeout_s: with rank 0 probing
+    alone while rank 1 waited in a barrier (the old design) rank 1 gave up after the timeout and the
+    trial failed (max_failures=0); every rank probing, none waits, and the trial finishes."""
+    from conmim.run.ray_train import run_trial
+    cfg = small(resources__num_workers=2, resources__collective_timeout_s=TINY_TIMEOUT_S, resources__max_failures=0,
+                eval__probe_epochs=10000)  # the linear probe's fit: the long part, on every rank at once
+    res = run_trial(cfg, tmp_path)
+    assert res.timings["probe_seconds"] > 2 * TINY_TIMEOUT_S, res.timings  # long next to the timeout
+    assert "features of 256 training + 256 test images on 2 rank(s)" in (tmp_path / "train.log").read_text()
+    for k in ("knn_top1", "linear_probe_top1", "knn_online_top1", "linear_probe_online_top1", "finetune_top1"):
+        assert 0 <= res.metrics[k] <= 1, k
