@@ -138,7 +138,7 @@ def main() -> int:
     from conmim.train.evaluate import probes
     from conmim.train.finetune import finetune
     from conmim.train.pretrain import pretrain
-    from conmim.train.session import LocalSession
+    from conmim.train.session import LocalSession, init_process_group
 
     cuda = a.device.startswith("cuda")
     if cuda:
@@ -159,7 +159,7 @@ def main() -> int:
     cfg = load_config(a.preset, sets)
 
     backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    init_process_group(backend, f"tcp://127.0.0.1:{free_port()}", 0, 1, cfg.resources.collective_timeout_s)
     device = "cuda:0" if cuda else "cpu"
     print(f"device   {torch.cuda.get_device_name(0) if cuda else 'cpu'}; torch {torch.__version__}; "
           f"process group {dist.get_backend()} (1 rank, collectives forced on)")
@@ -186,7 +186,8 @@ def main() -> int:
             state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
             splits = load_splits(cfg.data)
             n_probe = len(splits["train"]) + len(splits["test"])
-            pr = phase("probes", lambda: probes(encoder, splits, cfg, pre_session.device), n_probe, results)
+            pr = phase("probes", lambda: probes(encoder, splits, cfg, pre_session.device, session=pre_session),
+                       n_probe, results)
             if pr is not None:
                 print("         " + ", ".join(f"{k} {v:.3f}" for k, v in pr.items()))
             ft = phase("finetune", lambda: finetune(cfg, ft_session, state), n_train, results)

@@ -134,19 +134,21 @@ def _frozen_phases(cfg: ExperimentConfig, session) -> dict:
         torch.manual_seed(cfg.seed)
         state = build_encoder(cfg).state_dict()  # the 'from scratch' row: a random encoder
     t1 = time.time()
-    probe = {}
-    if session.is_main:  # frozen-feature proxies: cheap, on one worker while the others wait
-        splits = load_splits(cfg.data)
-        frozen = build_encoder(cfg).to(session.device)
-        frozen.load_state_dict(state)
-        probe = probes(frozen, splits, cfg, session.device)
-        if cfg.eval.probe_online:  # the online encoder too, where it is not the one just probed
-            online = net.online.encoder if net is not None and probe_encoder(cfg) == "momentum" else None
-            probe.update(probes(online, splits, cfg, session.device, name="online") if online is not None else
-                         {k.replace("_top1", "_online_top1"): v for k, v in probe.items()})
-        if net is not None:
-            probe.update(shortcut_diagnostics(net, splits["val"], cfg.model.img_size, session.device))
-        del frozen
+    # Every rank probes: each extracts the features of its share of the images (loader workers as
+    # data.num_workers), all-gathers the rest and fits the same probes, so no rank waits in a
+    # collective while another works alone (at ImageNet size that wait outlasts any collective
+    # timeout). The numbers are the same on every rank and the trial's are rank 0's.
+    splits = load_splits(cfg.data)
+    frozen = build_encoder(cfg).to(session.device)
+    frozen.load_state_dict(state)
+    probe = probes(frozen, splits, cfg, session.device, session=session)
+    if cfg.eval.probe_online:  # the online encoder too, where it is not the one just probed
+        online = net.online.encoder if net is not None and probe_encoder(cfg) == "momentum" else None
+        probe.update(probes(online, splits, cfg, session.device, name="online", session=session) if online is not None
+                     else {k.replace("_top1", "_online_top1"): v for k, v in probe.items()})
+    if net is not None:  # (512 validation images: on every rank alike, cheaper than a gather)
+        probe.update(shortcut_diagnostics(net, splits["val"], cfg.model.img_size, session.device))
+    del frozen
     # (the encoder's weights travel with the fine-tuning checkpoints only for a second, full-label
     # fine-tune, which needs them after the first; a tiny-scale protocol: the encoder is ~1 MB)
     keep = cfg.eval.full_label_finetune and cfg.finetune.labels_per_class is not None

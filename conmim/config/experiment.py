@@ -165,6 +165,10 @@ class EvalConfig(Strict):
                                "proxy) when the fine-tuned one is the momentum encoder")
     full_label_finetune: bool = Field(False, description="with finetune.labels_per_class: also fine-tune on every label "
                                       "(finetune_full_top1, a secondary column)")
+    probe_train_per_class: Optional[int] = Field(
+        None, ge=1, description="the k-NN bank and the linear probe's training set: this many images of every class, a "
+        "fixed class-balanced subset of the training split (the same images in every trial and seed); null = the whole "
+        "split. The test split is always whole")
 
 
 class ResourcesConfig(Strict):
@@ -175,6 +179,10 @@ class ResourcesConfig(Strict):
     threads_per_worker: Optional[int] = Field(None, ge=1, description="torch intra-op threads (default: cpus_per_worker)")
     max_failures: int = Field(2, ge=0, description="Ray Train: restarts of a trial's worker group from its latest "
                               "checkpoint after a worker dies (the sweep's max_failures are Tune's retries of a trial)")
+    collective_timeout_s: int = Field(
+        1800, ge=1, description="seconds a rank waits in a collective (all-reduce, all-gather, barrier) before the "
+        "trial fails and is restarted from its checkpoint: Ray Train's TorchConfig(timeout_s), and the timeout of any "
+        "process group the project starts itself")
 
 
 class DebugConfig(Strict):
@@ -301,7 +309,7 @@ def canonical(cfg: ExperimentConfig) -> ExperimentConfig:
 
 # knobs added after ids were in use: left out of the id at their default, so the trials of a sweep
 # begun before keep their ids and resume instead of running again
-ADDED_LATER = {("pretrain", "attention"): "sdpa"}
+ADDED_LATER = {("pretrain", "attention"): "sdpa", ("eval", "probe_train_per_class"): None}
 
 
 def canonical_hash(cfg: ExperimentConfig) -> str:

@@ -114,7 +114,8 @@ def _trainer(cfg: ExperimentConfig, out: Path, task: str, storage: Optional[str]
                            **(extra or {})},
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                resources_per_worker=per_worker),
-        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        # (no rank waits in a collective longer than this: a stuck peer fails the trial, which restarts)
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo", timeout_s=r.collective_timeout_s),
         run_config=ray.train.RunConfig(
             name=run_name(out, task), storage_path=storage or str(out / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),

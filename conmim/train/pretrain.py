@@ -140,10 +140,10 @@ def pretrain(cfg: ExperimentConfig, session: Session) -> dict:
         resumed = {}
         if cfg.eval.proxy_every and epoch % cfg.eval.proxy_every == 0:  # (validation split)
             metrics["knn_proxy_top1"] = knn_top1_of(net.encoder(cfg.finetune.encoder), splits["train"],
-                                                    splits["val"], cfg, session.device)
+                                                    splits["val"], cfg, session.device, session)
             if cfg.eval.probe_online and net.encoder(cfg.finetune.encoder) is not net.online.encoder:
                 metrics["knn_proxy_online_top1"] = knn_top1_of(net.online.encoder, splits["train"], splits["val"],
-                                                               cfg, session.device)
+                                                               cfg, session.device, session)
         history.append(metrics)
         session.log(f"[pretrain] epoch {epoch}/{p.epochs} loss {metrics['pretrain_loss']:.4f} "
                     f"lr {metrics['lr']:.2e} m {metrics['momentum']:.4f} target_std {metrics['target_std']:.3f} "

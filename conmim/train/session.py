@@ -113,6 +113,17 @@ class Session:
             g.copy_(flat[offset: offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def gather_rows(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Every rank's ``rows`` (rank r holds ``counts[r]`` of them, each rank knows all counts),
+        concatenated in rank order, on every rank: one all-gather of equal, padded blocks."""
+        if not self.collectives:
+            return rows
+        block = rows.new_zeros((max(counts), *rows.shape[1:]))
+        block[: len(rows)] = rows
+        parts = [torch.empty_like(block) for _ in range(self.world)]
+        dist.all_gather(parts, block)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
     def barrier(self) -> None:
         if self.collectives:
             dist.barrier()
@@ -189,6 +200,14 @@ class RaySession(Session):
         # paper scale, where a checkpoint is over a GB)
         with self._ckpt.as_directory() as d:
             yield Path(d)
+
+
+def init_process_group(backend: str, init_method: str, rank: int, world_size: int, timeout_s: float) -> None:
+    """A process group started by this project (not by Ray Train), whose collectives give up after
+    ``timeout_s`` (``resources.collective_timeout_s``, as Ray Train's ``TorchConfig(timeout_s)``)."""
+    from datetime import timedelta
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def micro_batches(batch, parts: int) -> list:
