@@ -12,7 +12,15 @@
 #   MLFLOW_PORT                  (default 5000)
 #   CONMIM_MLFLOW_DIR            state folder for the defaults below (default ./mlflow-server)
 #   MLFLOW_BACKEND_STORE_URI     runs, params, metrics: sqlite:////abs/path.db (one server process,
-#                                fine for a team's sweeps) or postgresql://... (durable, several servers)
+#                                fine for a team's sweeps) or postgresql://ROLE:PW@HOST/mlflow (durable,
+#                                several servers). ROLE is the server's OWN database role, made by
+#                                cluster/mlflow-db-role.sql: it owns the mlflow and mlflow_auth databases
+#                                and nothing else (no superuser, no CREATEDB/CREATEROLE). Never the
+#                                master user: this URI sits in the server's environment, and the master
+#                                password would open every database of the instance. The script refuses
+#                                (exit 2) a PostgreSQL URI whose user is one of MLFLOW_DB_ADMIN_USERS
+#                                (default: postgres pgmaster rdsadmin cloudsqlsuperuser azure_superuser;
+#                                put your instance's master user name there if it is another).
 #   MLFLOW_ARTIFACTS_DESTINATION where artifacts are stored: a folder on a shared filesystem, or
 #                                s3://, gs://, wasbs:// (the server needs the cloud credentials; the
 #                                clients do not: they upload through the server, --serve-artifacts)
@@ -64,6 +72,28 @@ auth="${MLFLOW_AUTH:-}"
 if [[ -n "$auth" && "$auth" != 1 && "$auth" != 0 ]]; then
   echo "mlflow-server: MLFLOW_AUTH=$auth: use MLFLOW_AUTH=1 (basic auth) or leave it unset" >&2; exit 2
 fi
+# A PostgreSQL store is opened as the server's own role, never as the instance's master user.
+admin_users="${MLFLOW_DB_ADMIN_USERS:-postgres pgmaster rdsadmin cloudsqlsuperuser azure_superuser}"
+for var in MLFLOW_BACKEND_STORE_URI MLFLOW_AUTH_DATABASE_URI; do
+  uri="${!var:-}"
+  [[ "$uri" == postgres* ]] || continue
+  rest="${uri#*://}"
+  user=""
+  if [[ "$rest" == *@* ]]; then user="${rest%%@*}"; user="${user%%:*}"; fi
+  if [[ -z "$user" ]]; then
+    echo "mlflow-server: $var names no database user; give the server's own role (cluster/mlflow-db-role.sql)," \
+         "postgresql://mlflow_server:PASSWORD@HOST:5432/mlflow, not the master user." >&2
+    exit 2
+  fi
+  for admin in $admin_users; do
+    if [[ "$user" == "$admin" ]]; then
+      echo "mlflow-server: $var logs in as '$user', an administrator of the database instance" \
+           "(MLFLOW_DB_ADMIN_USERS). The server keeps this URI in its environment; give it its own role," \
+           "which owns the mlflow and mlflow_auth databases and nothing else: cluster/mlflow-db-role.sql." >&2
+      exit 2
+    fi
+  done
+done
 if [[ $loopback == 0 && "$auth" != 1 ]]; then
   echo "mlflow-server: refusing to serve MLflow on $HOST without authentication: anyone who reaches it could" \
        "read and delete every run. Set MLFLOW_AUTH=1 (basic auth, with MLFLOW_AUTH_ADMIN_PASSWORD) or bind to" \

@@ -164,8 +164,15 @@ def finetune(config, checkpoint, sets, out, backend, address):
 @click.option("--insecure-http", is_flag=True,
               help="With --address: send the Ray token over plain http:// to a host that is not this machine "
                    "(refused otherwise: use https:// or a tunnel to 127.0.0.1).")
+@click.option("--configs", "show_configs", is_flag=True,
+              help="With --dry-run: also print the sweep's own settings and every distinct trial's resolved "
+                   "config (YAML, credentials masked).")
+@click.option("--secret-sets", type=click.Path(dir_okay=False), default=None, hidden=True,
+              help="A JSON list of further --set values (applied after the others): how `sweep --address` passes "
+                   "credentials to the job without putting them in its entrypoint.")
 @friendly_errors
-def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exists, insecure_http):
+def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exists, insecure_http, show_configs,
+          secret_sets):
     """Run an ablation sweep: Ray Tune trials, each pre-trained and fine-tuned on Ray Train,
     every trial an MLflow run, results in STORAGE/NAME/results.parquet and a report.
 
@@ -175,6 +182,8 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exist
     if resume and resume_if_exists:
         raise UsageProblem("--resume and --resume-if-exists: give one (--resume requires the sweep folder; "
                            "--resume-if-exists resumes it only when it exists and holds this same sweep).")
+    if secret_sets:
+        sets = tuple(sets) + tuple(_read_secret_sets(secret_sets))
     if address and not dry_run:
         _submit_sweep(sweep_file, sets, resume, address, not no_follow, resume_if_exists, insecure_http)
         return
@@ -185,6 +194,8 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exist
         click.echo(trial_table(sw))
         extra = f", Optuna samples: {sw.spec.optuna.num_samples}" if sw.spec.search == "optuna" else ""
         click.echo(f"\n{len(sw.trials)} trials: {len(sw.distinct)} distinct, {len(sw.aliases)} aliases{extra}")
+        if show_configs:
+            click.echo(_resolved_configs(sw))
         return
     from conmim.run import tune
     if resume_if_exists:
@@ -203,6 +214,27 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exist
     report_path = sw.dir / "report.md"
     if report_path.exists():
         click.echo(report_path.read_text())
+
+
+def _read_secret_sets(path):
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageProblem(f"--secret-sets {path}: cannot read it as a JSON list of --set values ({e}).") from None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise UsageProblem(f"--secret-sets {path}: expected a JSON list of KEY=VALUE strings.")
+    return values
+
+
+def _resolved_configs(sw) -> str:
+    """The sweep's own settings and each distinct trial's resolved config, as a YAML stream with
+    credentials masked: what `sweep --dry-run --configs` prints."""
+    import yaml
+    from conmim.tracking.redact import redact_text
+    spec = sw.spec.model_dump(mode="json", exclude={"variants", "base", "grid", "optuna"})
+    docs = [f"--- # sweep {sw.spec.name}\n" + yaml.safe_dump(spec, sort_keys=False)]
+    docs += [f"--- # trial {t.name}\n" + t.config.to_yaml() for t in sw.distinct]
+    return redact_text("".join(docs))
 
 
 def _submit_sweep(sweep_file, sets, resume, address, follow_logs, resume_if_exists=False, insecure_http=False):

@@ -39,6 +39,7 @@ ANYWHERE_EXCLUDES = ("__pycache__", "*.db", "*.db-journal", "*.egg-info", "*.pyc
 # The same rules in Ray's (gitignore) syntax, for the runtime_env as well.
 RUNTIME_ENV_EXCLUDES = [f"/{n}/" for n in ROOT_EXCLUDES] + [f"{p}" for p in ANYWHERE_EXCLUDES]
 JOB_DIR = ".conmim-job"        # where a sweep file from outside the project travels
+SECRET_SETS = f"{JOB_DIR}/secret-sets.json"   # --set values holding credentials travel here, not in the entrypoint
 STOP_WAIT_S = 30               # SIGTERM -> SIGKILL grace of `ray job stop`: time to end the MLflow runs
 
 
@@ -219,11 +220,51 @@ def check_cluster_sweep(sweep) -> None:
                           "(http://...) or an absolute sqlite:////path on a shared filesystem.")
 
 
+def is_secret_set(s: str) -> bool:
+    """A ``--set KEY=VALUE`` whose key or value looks like a credential (a URI's user:password@,
+    a ``?token=``, a value of a secret-looking environment variable, a key named like a password)."""
+    from conmim.tracking.redact import redact_text, redact_value
+    key, sep, value = s.partition("=")
+    return redact_text(s) != s or bool(sep) and redact_value(key.strip(), value) != value
+
+
+def shown_set(s: str) -> str:
+    """A ``--set`` as it may be printed or stored: credentials masked."""
+    from conmim.tracking.redact import redact_text, redact_value
+    key, sep, value = s.partition("=")
+    masked = redact_value(key.strip(), value) if sep else value
+    return redact_text(f"{key}{sep}{masked}")
+
+
+def split_secret_sets(sets) -> tuple[list[str], list[str]]:
+    """(the ``--set`` values that may be shown, the ones that hold credentials), each in order."""
+    plain, secret = [], []
+    for s in sets:
+        (secret if is_secret_set(s) else plain).append(s)
+    return plain, secret
+
+
+def write_secret_sets(work: Path, secret: list[str]) -> str:
+    """The credential-bearing ``--set`` values as a private file of the job's working_dir; returns
+    its path inside it. The Ray job's entrypoint, metadata and runtime_env (which ``ray job list``,
+    the dashboard and ``conmim jobs status`` show to everyone with the cluster's token) then name
+    the file, never the values; the driver reads it (``conmim sweep --secret-sets``)."""
+    import json
+    path = work / SECRET_SETS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(list(secret), f)
+    return SECRET_SETS
+
+
 def entrypoint(sweep_entry: str, sets: tuple[str, ...] | list[str], resume: bool,
-               resume_if_exists: bool = False) -> str:
+               resume_if_exists: bool = False, secret_sets_file: Optional[str] = None) -> str:
     args = ["python", "-m", "conmim.cli", "sweep", sweep_entry]
     for s in sets:
         args += ["--set", s]
+    if secret_sets_file:
+        args += ["--secret-sets", secret_sets_file]
     if resume:
         args.append("--resume")
     if resume_if_exists:
@@ -250,11 +291,23 @@ def submit_sweep(sweep_file: str, sets: tuple[str, ...], resume: bool, address: 
             "excludes": RUNTIME_ENV_EXCLUDES,
             "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)},
         }
-        cmd = entrypoint(entry, sets, resume, resume_if_exists)
+        # Credentials in a --set (mlflow.tracking_uri=https://user:password@host) stay out of
+        # what Ray stores and shows about the job: they travel in a private file of the working_dir
+        # (shipped to the cluster like the code) that the entrypoint names.
+        plain, secret = split_secret_sets(sets)
+        secret_file = write_secret_sets(work, secret) if secret else None
+        cmd = entrypoint(entry, plain, resume, resume_if_exists, secret_sets_file=secret_file)
+        metadata = {"conmim.sweep": sweep.spec.name}
+        if secret:
+            metadata["conmim.secret_sets"] = "; ".join(shown_set(s) for s in secret)[:500]
         _call(lambda: jc.submit_job(entrypoint=cmd, submission_id=job_id, runtime_env=runtime_env,
-                                    metadata={"conmim.sweep": sweep.spec.name}),
+                                    metadata=metadata),
               what=f"submitting to {normalize_address(address)}")
-    echo(f"submitted Ray job {job_id} to {normalize_address(address)}\n  entrypoint: {cmd}")
+    from conmim.tracking.redact import redact_text
+    echo(f"submitted Ray job {job_id} to {normalize_address(address)}\n  entrypoint: {redact_text(cmd)}")
+    if secret:
+        echo(f"  and from {SECRET_SETS} (kept out of the job's entrypoint and metadata): "
+             + " ".join(f"--set {shown_set(s)}" for s in secret))
     return jc, job_id
 
 
