@@ -183,7 +183,8 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exist
         raise UsageProblem("--resume and --resume-if-exists: give one (--resume requires the sweep folder; "
                            "--resume-if-exists resumes it only when it exists and holds this same sweep).")
     if secret_sets:
-        sets = tuple(sets) + tuple(_read_secret_sets(secret_sets))
+        from conmim.run.secret_sets import read_secret_sets
+        sets = tuple(sets) + tuple(read_secret_sets(secret_sets))
     if address and not dry_run:
         _submit_sweep(sweep_file, sets, resume, address, not no_follow, resume_if_exists, insecure_http)
         return
@@ -214,16 +215,6 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exist
     report_path = sw.dir / "report.md"
     if report_path.exists():
         click.echo(report_path.read_text())
-
-
-def _read_secret_sets(path):
-    try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UsageProblem(f"--secret-sets {path}: cannot read it as a JSON list of --set values ({e}).") from None
-    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise UsageProblem(f"--secret-sets {path}: expected a JSON list of KEY=VALUE strings.")
-    return values
 
 
 def _resolved_configs(sw) -> str:

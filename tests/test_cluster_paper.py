@@ -395,7 +395,7 @@ def test_cost_section_names_every_phase_with_its_source():
     ("base=vit-b16-imagenet", False), ("mlflow.tracking_uri=https://conmim:pw-123456@h:5000", True),
     ("mlflow.tracking_uri=https://h/?token=abc", True), ("base.set.some.password=hunter2", True)])
 def test_secret_sets_are_recognised(s, secret):
-    from conmim.run.jobs import is_secret_set, shown_set
+    from conmim.run.secret_sets import is_secret_set, shown_set
     assert is_secret_set(s) is secret
     assert (shown_set(s) != s) is secret
     assert ("***" in shown_set(s)) is secret
@@ -403,7 +403,7 @@ def test_secret_sets_are_recognised(s, secret):
 
 def test_sweep_job_keeps_credentials_out_of_its_entrypoint(tmp_path, recording_client, monkeypatch):
     from conmim.config.expand import load_sweep
-    from conmim.run.jobs import SECRET_SETS
+    from conmim.run.secret_sets import SECRET_SETS
     shipped = tmp_path / "shipped"
 
     def submit_job(self, **kw):  # record, and keep what the working_dir would upload
@@ -430,9 +430,9 @@ def test_sweep_job_keeps_credentials_out_of_its_entrypoint(tmp_path, recording_c
     monkeypatch.chdir(shipped)  # the job's driver runs in its working_dir
     sweep_doc, _, out = _resolve(args[3:])
     assert sweep_doc["mlflow"]["tracking_uri"] == "http://conmim:***@10.0.1.23:5000" and "hunter2-pw" not in out
-    from conmim.cli import _read_secret_sets
+    from conmim.run.secret_sets import read_secret_sets
     plain = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-    sw = load_sweep(args[4], plain + _read_secret_sets(SECRET_SETS), check_paths=False)
+    sw = load_sweep(args[4], plain + read_secret_sets(SECRET_SETS), check_paths=False)
     assert sw.spec.mlflow.tracking_uri == "http://conmim:hunter2-pw@10.0.1.23:5000"
     # without credentials nothing changes: no file, the entrypoint as before
     recording_client.submitted.clear()

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from conmim.config import load_config
-from conmim.data.preflight import read_facts
+from conmim.data.facts import read_facts
 from conmim.data.sources import load_splits
 from conftest import CONMIM, SMALL
 

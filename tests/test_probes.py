@@ -35,6 +35,7 @@ def _rank(rank, world, init, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # (two gloo ranks spawned: ~35 s)
 def test_features_split_over_ranks_and_gathered_are_the_single_rank_features(tmp_path):
     world = 3
     mp.spawn(_rank, args=(world, f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=world, join=True)

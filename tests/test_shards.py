@@ -17,7 +17,8 @@ from conmim.config import ConfigError, load_config
 from conmim.data import manifest as shards_manifest
 from conmim.data import rng as crng
 from conmim.data.geometry import PerImageCrop
-from conmim.data.sources import EncodedImages, _load, load_splits
+from conmim.data.encoded import EncodedImages
+from conmim.data.sources import _load, load_splits
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "cluster"))

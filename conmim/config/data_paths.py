@@ -50,7 +50,4 @@ def missing_data_message(dcfg) -> Optional[str]:
         return None  # object storage (s3://, gs://): checked when the data is read, with the node's credentials
     if not root.exists():
         return f"data.root: parquet source '{root}' does not exist; write one with 'conmim data prepare fashion-mnist OUT.parquet'."
-    if root.is_dir():  # a folder of shards: complete, as its _manifest.json says (listing and sizes)
-        from conmim.data.manifest import manifest_problem
-        return manifest_problem(str(root))
-    return None
+    return None  # (a folder of shards is checked against its _manifest.json by the pre-flight)

@@ -15,187 +15,39 @@ naming the key) or None; it runs before the facts are read. Readers may also rai
 :class:`~conmim.config.data_paths.DataMissing`, which is reported the same way."""
 from __future__ import annotations
 
-import gzip
-import io
-import json
-from collections import Counter
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
-from conmim.config.data_paths import FASHION_MNIST_FILES, DataMissing, fashion_mnist_root, idx_path
 from conmim.config.errors import ConfigError
 from conmim.config.experiment import DataConfig, ExperimentConfig
-from conmim.data.listing import (IMAGE_EXTS, VAL_FRACTION_CAP, held_out, imagefolder_classes, imagefolder_files,
-                                 split_plan)
+from conmim.data.facts import RGB_MODES, SPLITS, DataFacts, DataMissing, few, read_facts
+from conmim.data.listing import VAL_FRACTION_CAP, held_out
 
-SPLITS = ("train", "val", "test")
 PHASES = ("pretrain", "probe", "finetune")
 FEW_IMAGES = 10        # a training class with fewer images than this is suspicious
 UNBALANCED = 10.0      # ... and so is a split whose largest class is this many times its smallest
-SMALL_PARQUET_AREA = 64 * 64  # Parquet images this small are decoded into one array (sources._parquet): one size
-SIZE_SAMPLE = 64       # images per Parquet shard whose size is looked at
-RGB_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16"}
-
-# Checks of a source that need no facts (e.g. a shard manifest): DataConfig -> a problem or None.
-SOURCE_CHECKS: list[Callable[[DataConfig], Optional[str]]] = []
 
 
-@dataclass
-class DataFacts:
-    """What the pre-flight knows of a data config: per split (train, val, test) the labels, as
-    the loaders would split them, and a sample image's (width, height, mode)."""
-    labels: dict[str, np.ndarray]
-    num_classes: int
-    source_train: int                 # images of the training source, before validation is held out
-    test_is_val: bool                 # the source has no test images: test metrics are on validation
-    source_train_classes: set = field(default_factory=set)
-    class_names: Optional[list] = None
-    sample: dict = field(default_factory=dict)        # split -> (width, height, mode) of one image
-    problems: list = field(default_factory=list)      # found while reading: each names data.root
 
-    def name(self, label: int) -> str:
-        return f"'{self.class_names[label]}' (label {label})" if self.class_names else f"label {label}"
+def _shard_manifest(dcfg: DataConfig) -> Optional[str]:
+    """A folder of Parquet shards is the complete set its ``_manifest.json`` describes (listing and
+    sizes; object storage is checked where it is read, with the nodes' credentials)."""
+    if dcfg.name != "parquet" or "://" in str(dcfg.root) or not Path(str(dcfg.root)).is_dir():
+        return None
+    from conmim.data.manifest import manifest_problem
+    problem = manifest_problem(str(dcfg.root))
+    return problem.rstrip(".") if problem else None
 
-    def counts(self, split: str) -> Counter:
-        return Counter(self.labels[split].tolist())
 
-    def summary(self) -> str:
-        sizes = ", ".join(f"{s} {len(self.labels[s])}" for s in SPLITS)
-        w, h, mode = self.sample.get("train", (0, 0, "?"))
-        return (f"{sizes} images; {len(set(self.labels['train'].tolist()))} classes in train; "
-                f"images {w}x{h} {mode}" + (" (no test split: test = validation)" if self.test_is_val else ""))
+# Checks of a source that need no facts: DataConfig -> a problem or None.
+SOURCE_CHECKS: list[Callable[[DataConfig], Optional[str]]] = [_shard_manifest]
 
 
 @dataclass
 class Verdict:
     failures: list[str]
     warnings: list[str]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the facts (cheap: labels, listings, one decoded image per split or shard)
-# ---------------------------------------------------------------------------------------------
-def _idx(path: Path, header_only: bool = False) -> tuple[tuple, Optional[np.ndarray]]:
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-        head = f.read(4)
-        shape = tuple(int.from_bytes(f.read(4), "big") for _ in range(head[3]))
-        return shape, None if header_only else np.frombuffer(f.read(), dtype=np.uint8).astype(np.int64)
-
-
-def _sample(item, where: str) -> tuple[tuple, Optional[str]]:
-    """(width, height, mode) of an image file or encoded bytes, decoded as the loaders do; or a
-    problem when it cannot be."""
-    from PIL import Image
-    try:
-        im = Image.open(io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item)
-        im.convert("RGB")  # what the loaders do: refuses what cannot become RGB
-    except Exception as e:  # noqa: BLE001 - any decoder error is the data's
-        return (0, 0, "?"), f"data.root: {where} is not an image the loaders can decode ({type(e).__name__}: {e})"
-    w, h = im.size
-    if w < 1 or h < 1:
-        return (w, h, im.mode), f"data.root: {where} is {w}x{h} pixels; it cannot be cropped"
-    return (w, h, im.mode), None
-
-
-# A reader: DataConfig -> (labels of the source's train and test images, class count, split ->
-# (width, height, mode) of a sample, problems, class names or None).
-def _fashion_mnist(dcfg) -> tuple:
-    root = fashion_mnist_root(dcfg)
-    labels, sample = {}, {}
-    for split, (img, lab) in FASHION_MNIST_FILES.items():
-        labels[split] = _idx(idx_path(root, lab))[1]
-        shape, _ = _idx(idx_path(root, img), header_only=True)
-        sample[split] = (shape[2], shape[1], "L")
-    return labels, 10, sample, [], None
-
-
-def _imagefolder(dcfg) -> tuple:
-    root = Path(dcfg.root)
-    classes = imagefolder_classes(root)
-    labels, sample, problems = {}, {}, []
-    listed = {f: imagefolder_files(root, f, classes) for f in ("train", "val", "test")}
-    # the loader's choice: val/ when it has images, else test/ (sources._imagefolder)
-    test_dir = "val" if listed["val"] and len(listed["val"][1]) or not listed["test"] else "test"
-    for split, folder in (("train", "train"), ("test", test_dir)):
-        files, labels[split] = listed[folder] if listed[folder] is not None else ([], np.zeros(0, dtype=np.int64))
-        if files:
-            sample[split], problem = _sample(files[0], f"{files[0]}")
-            if problem:
-                problems.append(problem)
-    base = root / test_dir
-    if base.is_dir():
-        unknown = sorted(set(imagefolder_classes(root, test_dir)) - set(classes))
-        loose = sorted(f.name for f in base.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
-        if unknown:
-            problems.append(f"data.root: {base} has class folders that {root / 'train'} lacks ({_few(unknown)}); their "
-                            f"images would be left out. Every class of {test_dir}/ needs a folder in train/")
-        if loose and not len(labels["test"]):
-            problems.append(f"data.root: {base} holds {len(loose)} images directly ({_few(loose)}), not in "
-                            f"{test_dir}/<class>/ folders; the loaders find none of them. Put each in its class folder "
-                            f"(for ImageNet: python cluster/imagenet_parquet.py val-layout)")
-    return labels, len(classes), sample, problems, classes
-
-
-def _parquet(dcfg) -> tuple:
-    import pyarrow.parquet as pq
-    from conmim.data.sources import parquet_files  # (the one place that lists shards; imports torch)
-    fs, files = parquet_files(str(dcfg.root))
-    labels, splits, sample, problems, sizes = [], [], {}, [], {}
-    for f in files:
-        cols = set(pq.read_schema(f, filesystem=fs).names)
-        if not {"image", "label"} <= cols:
-            raise DataMissing(f"data.root: parquet '{f}' needs columns image (bytes) and label (int); it has {sorted(cols)}.")
-        table = pq.read_table(f, filesystem=fs, columns=[c for c in ("label", "split") if c in cols])
-        labels += table.column("label").to_pylist()
-        split = table.column("split").to_pylist() if "split" in cols else ["train"] * table.num_rows
-        splits += split
-        with fs.open_input_file(f) as handle:
-            first = next(pq.ParquetFile(handle).iter_batches(batch_size=SIZE_SAMPLE, columns=["image"]), None)
-        for k, item in enumerate(first.column(0).to_pylist() if first is not None else []):
-            got, problem = _sample(item, f"row {k} of {f}")
-            if problem:
-                problems.append(problem)
-                break
-            sizes.setdefault(got[:2], f"row {k} of {f}")
-            sample.setdefault(split[k] if split[k] in ("train", "test") else "train", got)
-    if len(sizes) > 1 and min(w * h for w, h in sizes) <= SMALL_PARQUET_AREA:
-        shown = "; ".join(f"{w}x{h} ({where})" for (w, h), where in list(sizes.items())[:3])
-        problems.append(f"data.root: small images (up to {SMALL_PARQUET_AREA} pixels) are batched as one array, so "
-                        f"they must share one size, but this Parquet data has {len(sizes)} sizes: {shown}. Resize "
-                        f"them to one size when writing the shards")
-    labels = np.asarray(labels, dtype=np.int64)
-    splits = np.asarray(splits)
-    by_split = {s: labels[splits == s] for s in ("train", "test")}
-    return by_split, int(labels.max()) + 1 if len(labels) else 0, sample, problems, None
-
-
-def _few(items: list) -> str:
-    return ", ".join(map(str, items[:3])) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-
-
-READERS = {"fashion-mnist": _fashion_mnist, "imagefolder": _imagefolder, "parquet": _parquet}
-
-
-def read_facts(dcfg: DataConfig) -> DataFacts:
-    """The facts of ``dcfg`` (read once per distinct data config in a process)."""
-    return _read_facts(json.dumps(dcfg.model_dump(mode="json"), sort_keys=True))
-
-
-@lru_cache(maxsize=16)
-def _read_facts(key: str) -> DataFacts:
-    dcfg = DataConfig.model_validate(json.loads(key))
-    source, num_classes, sample, problems, names = READERS[dcfg.name](dcfg)
-    n_test = len(source.get("test", []))
-    plan = split_plan(len(source["train"]), n_test, dcfg)
-    labels = {split: source[src][index] for split, (src, index) in plan.items()}
-    sample = {"train": sample.get("train"), "val": sample.get("train"),
-              "test": sample.get("test") if n_test else sample.get("train")}
-    return DataFacts(labels, num_classes, len(source["train"]), not n_test, set(source["train"].tolist()), names,
-                     {s: v for s, v in sample.items() if v}, problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +101,7 @@ def judge(cfg: ExperimentConfig, facts: DataFacts, phases: tuple[str, ...]) -> V
             in_source = all(c in facts.source_train_classes for c in absent)
             key = f"data.subset={d.subset}" if d.subset and in_source else f"data.root={d.root or 'default'}"
             fail.append(f"{key}: the {split} split has classes the training split lacks "
-                        f"({_few([facts.name(c) for c in absent])}); a classifier cannot learn them"
+                        f"({few([facts.name(c) for c in absent])}); a classifier cannot learn them"
                         + ("; raise data.subset" if key.startswith("data.subset") else ""))
             break
 
@@ -299,7 +151,7 @@ def judge(cfg: ExperimentConfig, facts: DataFacts, phases: tuple[str, ...]) -> V
         rare = sorted(c for c, n in counts.items() if n < FEW_IMAGES)
         if rare:
             warn.append(f"few images: the training split has fewer than {FEW_IMAGES} images of "
-                        f"{_few([f'{facts.name(c)} ({counts[c]})' for c in rare])}")
+                        f"{few([f'{facts.name(c)} ({counts[c]})' for c in rare])}")
         for split in ("train", "test"):
             c = facts.counts(split)
             if len(c) >= 2 and max(c.values()) >= UNBALANCED * min(c.values()):
@@ -362,7 +214,7 @@ def check_sweep(sweep, local_only: bool = False, echo: Callable[[str], None] = p
         echo(f"data pre-flight: data.root={root} is not on this machine; the sweep checks it on the cluster "
              f"before its first trial")
     if failures:
-        parts = [f"{f} (trial{'s' if len(names) > 1 else ''} {_few(names)})" for f, names in failures.items()]
+        parts = [f"{f} (trial{'s' if len(names) > 1 else ''} {few(names)})" for f, names in failures.items()]
         raise ConfigError(refusal(f"{sweep.path}", parts))
     return warnings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conmim import stats
-from conmim.report.table import metric_scale
+from conmim.report.table import DEFAULT_BASELINE, DEFAULT_METRIC, metric_scale
 
 
 def forest_plot(summary: list[dict], path: Path, title: str) -> Path:

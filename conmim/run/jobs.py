@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import yaml
 
 from conmim.config.errors import ConfigError
+from conmim.run.secret_sets import JOB_DIR, SECRET_SETS, shown_set, split_secret_sets, write_secret_sets
 
 # Never shipped: virtualenvs, results, tracking stores, data and git history.
 ROOT_EXCLUDES = (".venv", "venv", "runs", "ray_results", "mlruns", "mlartifacts", "data", ".git", ".pytest_cache",
@@ -38,8 +39,6 @@ ANYWHERE_EXCLUDES = ("__pycache__", "*.db", "*.db-journal", "*.egg-info", "*.pyc
                      "checkpoints", "mlruns*")
 # The same rules in Ray's (gitignore) syntax, for the runtime_env as well.
 RUNTIME_ENV_EXCLUDES = [f"/{n}/" for n in ROOT_EXCLUDES] + [f"{p}" for p in ANYWHERE_EXCLUDES]
-JOB_DIR = ".conmim-job"        # where a sweep file from outside the project travels
-SECRET_SETS = f"{JOB_DIR}/secret-sets.json"   # --set values holding credentials travel here, not in the entrypoint
 STOP_WAIT_S = 30               # SIGTERM -> SIGKILL grace of `ray job stop`: time to end the MLflow runs
 
 
@@ -218,44 +217,6 @@ def check_cluster_sweep(sweep) -> None:
     if uri.startswith("sqlite:") and not uri.startswith("sqlite:////"):
         raise ConfigError(f"{sweep.path}: mlflow.tracking_uri {uri} is relative; use the shared MLflow server "
                           "(http://...) or an absolute sqlite:////path on a shared filesystem.")
-
-
-def is_secret_set(s: str) -> bool:
-    """A ``--set KEY=VALUE`` whose key or value looks like a credential (a URI's user:password@,
-    a ``?token=``, a value of a secret-looking environment variable, a key named like a password)."""
-    from conmim.tracking.redact import redact_text, redact_value
-    key, sep, value = s.partition("=")
-    return redact_text(s) != s or bool(sep) and redact_value(key.strip(), value) != value
-
-
-def shown_set(s: str) -> str:
-    """A ``--set`` as it may be printed or stored: credentials masked."""
-    from conmim.tracking.redact import redact_text, redact_value
-    key, sep, value = s.partition("=")
-    masked = redact_value(key.strip(), value) if sep else value
-    return redact_text(f"{key}{sep}{masked}")
-
-
-def split_secret_sets(sets) -> tuple[list[str], list[str]]:
-    """(the ``--set`` values that may be shown, the ones that hold credentials), each in order."""
-    plain, secret = [], []
-    for s in sets:
-        (secret if is_secret_set(s) else plain).append(s)
-    return plain, secret
-
-
-def write_secret_sets(work: Path, secret: list[str]) -> str:
-    """The credential-bearing ``--set`` values as a private file of the job's working_dir; returns
-    its path inside it. The Ray job's entrypoint, metadata and runtime_env (which ``ray job list``,
-    the dashboard and ``conmim jobs status`` show to everyone with the cluster's token) then name
-    the file, never the values; the driver reads it (``conmim sweep --secret-sets``)."""
-    import json
-    path = work / SECRET_SETS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(list(secret), f)
-    return SECRET_SETS
 
 
 def entrypoint(sweep_entry: str, sets: tuple[str, ...] | list[str], resume: bool,

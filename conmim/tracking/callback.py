@@ -3,7 +3,6 @@ happens. Imports Ray: only the trial's process, which runs the Train run, needs 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from ray.train import UserCallback
 
