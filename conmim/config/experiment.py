@@ -267,6 +267,13 @@ class ExperimentConfig(Strict):
         p = getattr(self, phase)
         return p.batch_size // (self.resources.num_workers * p.accumulate)
 
+    def dictionary_size(self) -> int:
+        """Candidates each masked patch picks its own key among in pre-training: the P patches of its
+        image, or (``objective.dictionary: batch``) every patch of the worker's micro-batch. ln of it
+        is the loss at chance."""
+        patches = self.model.grid ** 2
+        return patches * (self.micro_batch("pretrain") if self.objective.dictionary == "batch" else 1)
+
     def batch_split(self) -> str:
         """How each phase's global batch is split: workers x micro-batches (``conmim validate`` prints it)."""
         return ", ".join(f"{ph} {self.micro_batch(ph)} ({getattr(self, ph).batch_size} / {self.resources.num_workers} "

@@ -14,6 +14,7 @@ from conmim.run.results import FAILED_FILE
 from conmim.run.stop import stopping
 from conmim.tracking import client as mlflow_runs
 from conmim.tracking import tags as T
+from conmim.trial import trial_warnings
 from conmim.tracking.buffer import PENDING_FILE, flush_pending
 from conmim.trial import TrialResult
 
@@ -99,8 +100,7 @@ def run_one_trial(params: dict, info: dict) -> None:
     c = mlflow_runs.client(uri)
     if res.node_id:
         mlflow_runs.retry(c.set_tag, run_id, T.NODE_ID, res.node_id)
-    if res.flags["collapsed"] or res.flags["at_chance"]:
-        mlflow_runs.retry(c.set_tag, run_id, T.WARNING,
-                          "collapsed pre-training" if res.flags["collapsed"] else "fine-tuned top-1 at chance")
+    if warnings := trial_warnings(res.flags):
+        mlflow_runs.retry(c.set_tag, run_id, T.WARNING, "; ".join(warnings))
     mlflow_runs.end_run(uri, run_id, "FINISHED")
     tune.report({**final, "status": "finished"})
