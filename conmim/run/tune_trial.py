@@ -46,7 +46,8 @@ def _tags(rec: dict, info: dict, ray_trial_id: str) -> dict:
             T.ALIAS_RECORDS: json.dumps(aliases, default=str)[:5000],
             T.OVERRIDES: json.dumps(rec["overrides"], sort_keys=True, default=str)[:5000],
             T.NOTE: rec.get("note", "")[:5000],
-            T.RAY_TRIAL_ID: ray_trial_id, **({T.GIT_COMMIT: info["git"]} if info.get("git") else {})}
+            T.RAY_TRIAL_ID: ray_trial_id, **({T.GIT_COMMIT: info["git"]} if info.get("git") else {}),
+            **({T.STAGE: info["stage"]} if info.get("stage") else {})}
 
 
 def run_one_trial(params: dict, info: dict) -> None:

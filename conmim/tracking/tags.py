@@ -18,5 +18,6 @@ WARNING = "conmim.warning"             # collapsed or diverged pre-training, cha
 PROBE_ENCODER = "conmim.probe_encoder"
 REPORT_METRIC = "conmim.report.metric"      # on the parent run: the report's primary metric
 REPORT_BASELINE = "conmim.report.baseline"  # ... and the variant every delta is taken against
+STAGE = "conmim.stage"                 # "selection": a run of a two-stage sweep's selection stage
 RAY_TRIAL_ID = "ray.trial_id"
 PARENT_RUN_ID = "mlflow.parentRunId"
