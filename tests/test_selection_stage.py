@@ -2,6 +2,7 @@
 chosen on a validation metric on seeds of its own, never a diverged one while a stable one exists;
 then the comparison runs each arm at its choice (conmim/run/selection.py)."""
 import json
+import math
 
 import pyarrow.parquet as pq
 import pytest
@@ -100,3 +101,96 @@ def test_an_arm_whose_every_setting_diverged_is_said_and_a_missing_one_refused(t
     fake_results(other, {**vals, ("shared", 1e-3): None, ("shared", 3e-3): None})
     with pytest.raises(ConfigError, match="no setting of arm 'shared' finished"):
         choose(other, "finetune_val_top1", "max")
+
+
+def _runs(uri, experiment):
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def _trial_files(*sweep_dirs):
+    """Every file of every trial folder, with its modification time and size."""
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size)
+            for d in sweep_dirs for p in sorted((d / "trials").rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_two_stage_sweep_end_to_end_chooses_the_stable_setting_and_resumes_without_rerunning(ray_session, tmp_path):
+    """The real CLI, real Ray Tune/Train, real MLflow sqlite, real Fashion-MNIST: the selection
+    stage tries the baseline at lr 1e-3 (stable at temperature 1.0: loss below ln 16) and at lr 1.0
+    (diverges); the baseline is compared at 1e-3 whatever the diverged setting's validation score,
+    the report shows the choice and the selection table, and --resume of the finished sweep reruns
+    nothing. Measured (seeds 100, 101, 7): final loss 2.71-2.73 at lr 1e-3, 2.81-2.84 at lr 1.0,
+    ln 16 = 2.77; the diverged setting's validation top-1 was the higher one in one run (29.7 vs
+    28.9 %), so the choice is the divergence rule's, not the metric's. About 2.2 min on 2 cores."""
+    path = sweep_file(tmp_path, name="fair2", seeds=(0,),
+                      variants=[{"name": "scratch", "set": {"pretrain.enabled": False}}],
+                      selection={"budget": {"pretrain.lr": [1.0e-3, 1.0]}, "seeds": [100]},
+                      resources={"max_concurrent_trials": 2})
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["set"]["objective.temperature"] = 1.0
+    path.write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sel_dir, cmp_dir = tmp_path / "ray_results" / "fair2.selection", tmp_path / "ray_results" / "fair2"
+
+    res = CliRunner().invoke(main, ["sweep", str(path)])
+    assert res.exit_code == 0, res.output[-4000:]
+    assert "selection: baseline -> pretrain.lr=0.001" in res.output, res.output[-4000:]
+
+    # the selection stage: its own folder, MLflow experiment, every run tagged conmim.stage=selection
+    sel_runs = _runs(uri, "fair2.selection")
+    sel_trials = {r.info.run_name: r for r in sel_runs if r.data.tags.get("conmim.role") == "trial"}
+    # scratch does not pre-train, so its lr=1.0 setting is the same experiment as its lr=0.001 one
+    assert sorted(sel_trials) == ["baseline_lr=0.001_seed100", "baseline_lr=1.0_seed100", "scratch_lr=0.001_seed100"]
+    assert all(r.data.tags.get("conmim.stage") == "selection" for r in sel_runs), [r.data.tags for r in sel_runs]
+    assert all(r.info.status == "FINISHED" for r in sel_runs), [(r.info.run_name, r.info.status) for r in sel_runs]
+    bad, good = sel_trials["baseline_lr=1.0_seed100"], sel_trials["baseline_lr=0.001_seed100"]
+    assert bad.data.params["pretrain.lr"] == "1.0" and bad.data.metrics["diverged"] == 1.0
+    assert "diverged" in bad.data.tags["conmim.warning"]
+    assert good.data.metrics["diverged"] == 0.0 and good.data.metrics["final_pretrain_loss"] < math.log(16)
+    assert (sel_dir / "trials" / "baseline_lr=1.0_seed100" / "result.json").exists()
+
+    # the choice: never the diverged setting; kept in selection.json
+    choice = json.loads((cmp_dir / "selection.json").read_text())
+    assert choice["chosen"] == {"baseline": {"pretrain.lr": 1e-3}, "scratch": {"pretrain.lr": 1e-3}}
+    assert choice["all_diverged"] == [] and choice["metric"] == "finetune_val_top1"
+    rows = {(r["arm"], r["setting"]["pretrain.lr"]): r for r in choice["table"]}
+    assert rows[("baseline", 1.0)]["diverged"] == 1 and not rows[("baseline", 1.0)]["chosen"]
+    assert rows[("baseline", 1e-3)]["chosen"] and rows[("baseline", 1e-3)]["values"]["100"] == pytest.approx(
+        good.data.metrics["finetune_val_top1"])
+
+    # the comparison: its own experiment, the comparison's seed, each arm at its choice, no selection tag
+    cmp_runs = _runs(uri, "fair2")
+    cmp_trials = {r.info.run_name: r for r in cmp_runs if r.data.tags.get("conmim.role") == "trial"}
+    assert sorted(cmp_trials) == ["baseline_seed0", "scratch_seed0"]
+    assert all(r.data.tags.get("conmim.stage") in (None, "comparison") for r in cmp_runs)
+    assert all(r.info.status == "FINISHED" for r in cmp_runs), [(r.info.run_name, r.info.status) for r in cmp_runs]
+    base = cmp_trials["baseline_seed0"]
+    assert base.data.params["pretrain.lr"] == "0.001" and base.data.params["seed"] == "0"
+    cfg = json.loads((cmp_dir / "trials" / "baseline_seed0" / "result.json").read_text())["config"]
+    assert cfg["pretrain"]["lr"] == pytest.approx(1e-3) and cfg["objective"]["temperature"] == 1.0
+    assert {r["trial"] for r in pq.read_table(cmp_dir / "results.parquet").to_pylist()} == set(cmp_trials)
+
+    # the report: each arm's choice and the selection table
+    rep = CliRunner().invoke(main, ["report", str(cmp_dir)])
+    assert rep.exit_code == 0, rep.output
+    assert "## Selection: each arm at its own best setting" in rep.output
+    line = next(l for l in rep.output.splitlines() if l.startswith("| baseline | pretrain.lr=1.0 |"))
+    assert line.rstrip().endswith("| 1 | 0 |  |")  # diverged once, not chosen
+    line = next(l for l in rep.output.splitlines() if l.startswith("| baseline | pretrain.lr=0.001 |"))
+    assert "**chosen**" in line
+    assert "same experiment as scratch_lr=0.001" in rep.output
+
+    # --resume of the finished two-stage sweep: nothing runs again, no MLflow run is added
+    before_runs = {r.info.run_id for r in _runs(uri, "fair2.selection") + _runs(uri, "fair2")}
+    before_files = _trial_files(sel_dir, cmp_dir)
+    res = CliRunner().invoke(main, ["sweep", str(path), "--resume"])
+    assert res.exit_code == 0, res.output[-4000:]
+    assert "selection: baseline -> pretrain.lr=0.001" in res.output
+    after = _runs(uri, "fair2.selection") + _runs(uri, "fair2")
+    assert {r.info.run_id for r in after} == before_runs
+    assert all(r.info.status == "FINISHED" for r in after), [(r.info.run_name, r.info.status) for r in after]
+    assert _trial_files(sel_dir, cmp_dir) == before_files
+    assert json.loads((cmp_dir / "selection.json").read_text())["chosen"] == choice["chosen"]
