@@ -178,7 +178,7 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exist
 
     With --address the project is shipped to the cluster and the sweep runs there as a Ray job;
     Ctrl-C stops following its logs and leaves the job running (conmim jobs stop ends it)."""
-    from conmim.config.expand import load_sweep, trial_table
+    from conmim.config.expand import load_sweep, selection_stage, trial_table
     if resume and resume_if_exists:
         raise UsageProblem("--resume and --resume-if-exists: give one (--resume requires the sweep folder; "
                            "--resume-if-exists resumes it only when it exists and holds this same sweep).")
@@ -189,9 +189,15 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exist
         _submit_sweep(sweep_file, sets, resume, address, not no_follow, resume_if_exists, insecure_http)
         return
     sw = load_sweep(sweep_file, list(sets), check_paths=not address)  # a cluster's data lives on the cluster
+    stage = selection_stage(sw, check_paths=not address) if sw.spec.selection else None
     if dry_run:
         from conmim.data.preflight import check_sweep
         check_sweep(sw, local_only=bool(address), echo=click.echo)
+        if stage is not None:
+            click.echo(f"selection stage ({stage.spec.name}): each arm at every setting of selection.budget\n"
+                       f"{trial_table(stage)}\n\n{len(stage.trials)} trials: {len(stage.distinct)} distinct, "
+                       f"{len(stage.aliases)} aliases\n\ncomparison ({sw.spec.name}): each arm at the setting the "
+                       f"selection stage chooses (shown here at the budget's first)")
         click.echo(trial_table(sw))
         extra = f", Optuna samples: {sw.spec.optuna.num_samples}" if sw.spec.search == "optuna" else ""
         click.echo(f"\n{len(sw.trials)} trials: {len(sw.distinct)} distinct, {len(sw.aliases)} aliases{extra}")
@@ -200,11 +206,15 @@ def sweep(sweep_file, sets, dry_run, resume, address, no_follow, resume_if_exist
         return
     from conmim.run import tune
     if resume_if_exists:
-        resume = tune.resume_if_exists(sw)
+        resume = any([tune.resume_if_exists(stage) if stage is not None else False, tune.resume_if_exists(sw)])
         click.echo(f"--resume-if-exists: {'resuming the existing' if resume else 'starting the new'} sweep folder "
                    f"{sw.dir}")
     try:
-        counts = tune.run_sweep(sw, resume=resume, echo=click.echo)
+        if stage is not None:
+            from conmim.run.selection import run_two_stage
+            sw, counts = run_two_stage(sw, list(sets), resume, echo=click.echo, check_paths=not address)
+        else:
+            counts = tune.run_sweep(sw, resume=resume, echo=click.echo)
     except KeyboardInterrupt as e:
         how = getattr(e, "signame", "SIGINT")  # SIGTERM: `ray job stop` / `conmim jobs stop`
         click.echo(f"\n{'interrupted' if how == 'SIGINT' else 'stopped (' + how + ')'}: trials stopped, their "

@@ -13,7 +13,7 @@ FINAL_METRICS = ("finetune_top1", "finetune_val_top1", "linear_probe_top1", "knn
 # Wall seconds of the phases of a trial.
 TIMINGS = ("pretrain_seconds", "probe_seconds", "finetune_seconds", "wall_seconds")
 # Flags of a trial whose numbers measure a failure rather than the ablated component.
-FLAGS = ("collapsed", "at_chance", "positional_shortcut")
+FLAGS = ("collapsed", "at_chance", "positional_shortcut", "diverged")
 
 # Measured on the validation split: the only metrics a search (optuna.metric, asha.metric) may
 # select on. Every other *_top1 is measured on the test split. Add a new validation metric here.

@@ -96,6 +96,25 @@ def probe_encoder(cfg: ExperimentConfig) -> str:
     return "momentum" if cfg.finetune.encoder == "momentum" and cfg.objective.target_encoder == "momentum" else "online"
 
 
+def pretrain_diverged(history: list[dict], chance_loss: float, warmup_epochs: float) -> bool:
+    """Pre-training diverged: its loss rose above chance (ln of the dictionary size) in an epoch
+    after warm-up, or ended above it or not finite. Such a trial measures an unstable recipe, not
+    the component its arm removes. (Warm-up epochs are exempt: the loss starts at about chance.)"""
+    if not history:
+        return False
+    final = history[-1]["pretrain_loss"]
+    after = [h["pretrain_loss"] for h in history if h["epoch"] - 1 >= warmup_epochs]
+    return bool(not math.isfinite(final) or final > chance_loss or any(x > chance_loss for x in after))
+
+
+def trial_warnings(flags: dict[str, bool]) -> list[str]:
+    """The flags of a trial in words (the ``conmim.warning`` tag of its MLflow run)."""
+    said = {"collapsed": "collapsed pre-training", "at_chance": "fine-tuned top-1 at chance",
+            "diverged": "pre-training diverged (loss above chance after warm-up)",
+            "positional_shortcut": "pre-training task solved by position"}
+    return [said[k] for k in FLAGS if flags.get(k) and not (k == "at_chance" and flags.get("collapsed"))]
+
+
 def make_result(cfg: ExperimentConfig, carry: dict, num_classes: int, wall: float = float("nan")) -> TrialResult:
     pre, probe, ft = carry["pre"], carry["probe"], carry["ft"]
     full = carry.get("ft_full") or {}
@@ -105,7 +124,9 @@ def make_result(cfg: ExperimentConfig, carry: dict, num_classes: int, wall: floa
     metrics.update(final_pretrain_loss=pre["final_pretrain_loss"] if pre else float("nan"), final_target_std=std)
     flags = {"collapsed": bool(pre is not None and math.isfinite(std) and std < COLLAPSE_STD),
              "at_chance": bool(ft["finetune_top1"] < 1.0 / num_classes + CHANCE_MARGIN),
-             "positional_shortcut": bool(probe.get("positional_shortcut", False))}
+             "positional_shortcut": bool(probe.get("positional_shortcut", False)),
+             "diverged": bool(pre is not None and pretrain_diverged(pre["history"], math.log(cfg.dictionary_size()),
+                                                                    cfg.pretrain.warmup_epochs))}
     timings = {"pretrain_seconds": carry["pretrain_seconds"], "probe_seconds": carry["probe_seconds"],
                "finetune_seconds": ft["finetune_seconds"] + full.get("finetune_full_seconds", 0.0), "wall_seconds": wall}
     return TrialResult(metrics, timings, flags, canonical_hash(cfg), cfg.to_dict(),

@@ -105,3 +105,18 @@ def test_validate_prints_resolved_config():
     res = CliRunner().invoke(main, ["validate", "tiny", "--set", "objective.temperature=0.3"])
     assert res.exit_code == 0
     assert "temperature: 0.3" in res.output and "canonical experiment id" in res.output
+
+
+@pytest.mark.parametrize("sets, key, allowed", [
+    (["model.shared_rel_pos_bias=true"], "model.shared_rel_pos_bias", "beit_*"),
+    (["model.name=resnet18", "model.layer_scale_init=0.1"], "model.layer_scale_init", "vit_*"),
+])
+def test_a_knob_the_model_cannot_honour_is_refused(sets, key, allowed):
+    """A vit_* has an absolute position embedding whatever shared_rel_pos_bias says: refused, not ignored."""
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", sets)
+    assert key in str(e.value) and allowed in str(e.value) and "ignored" in str(e.value)
+    beit = load_config("tiny", ["model.name=beit_base_patch16_224", "model.shared_rel_pos_bias=true",
+                                "model.layer_scale_init=0.1"])
+    assert beit.model.shared_rel_pos_bias and beit.model.layer_scale_init == 0.1
+    assert load_config("tiny", ["model.layer_scale_init=0.1"]).model.layer_scale_init == 0.1  # vit_*: LayerScale

@@ -209,3 +209,14 @@ def test_report_from_mlflow_reads_the_primary_metric_from_the_parent_run(tmp_pat
     assert "| knn_top1 |" in next(l for l in res["markdown"].splitlines() if l.startswith("| variant |"))
     assert "+2.33 [-1.46, +6.13] | 0.118 | 0.118 |" in t02  # Δ = 1, 2, 4 points: the hand numbers above
     assert (tmp_path / "out" / "report.png").exists()
+
+
+def test_diverged_pretraining_is_flagged(tmp_path):
+    rows = three_seeds()
+    for r in rows:
+        r["diverged"] = r["variant"] == "minus"
+    md = make_report(write(tmp_path / "sw", rows))["markdown"]
+    assert "DIVERGED" in line(md, "minus") and "3 diverged" in line(md, "minus")
+    assert "3 of 11 finished trials diverged in pre-training** (minus)" in md
+    assert "diverged" not in line(md, "baseline").lower() and "DIVERGED" not in line(md, "plus")
+    assert "DIVERGED" not in make_report(write(tmp_path / "clean", three_seeds()))["markdown"]

@@ -46,13 +46,15 @@ def test_every_shipped_sweep_resolves_at_paper_scale(path, tmp_path):
 
 def test_ablations_expand_to_expected_trials_and_aliases():
     sw = load_sweep(str(REPO / "sweeps" / "ablations.yaml"))
-    assert len(sw.trials) == 6 * 5 and len(sw.distinct) == 5 * 5 and len(sw.aliases) == 5
+    assert len(sw.trials) == 7 * 5 and len(sw.distinct) == 6 * 5 and len(sw.aliases) == 5
     assert {t.variant for t in sw.aliases} == {"momentum_no_stop_grad"}
     assert all(t.alias_of.startswith("baseline_seed") for t in sw.aliases)
     assert {t.variant for t in sw.distinct} == {"baseline", "scratch", "no_momentum_encoder", "no_stop_grad",
-                                                "no_asymmetry"}
+                                                "no_asymmetry", "momentum_from_zero"}
+    zero = next(t for t in sw.distinct if t.variant == "momentum_from_zero").config.objective
+    assert (zero.target_encoder, zero.momentum) == ("momentum", 0.0)  # the EMA copy, its schedule from 0
     res = CliRunner().invoke(main, ["sweep", str(REPO / "sweeps" / "ablations.yaml"), "--dry-run"])
-    assert "30 trials: 25 distinct, 5 aliases" in res.output and "baseline_seed0" in res.output
+    assert "35 trials: 30 distinct, 5 aliases" in res.output and "baseline_seed0" in res.output
 
 
 def test_only_runs_a_subset_of_the_arms_with_the_baseline():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,6 +56,8 @@ class Trial:
     key: str                   # canonical hash: equal keys = same experiment
     alias_of: Optional[str] = None
     note: str = ""
+    arm: str = ""              # the variant (baseline or a variant's name), without grid values
+    setting: dict[str, Any] = field(default_factory=dict)  # its grid (or selection budget) values
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Sweep:
     path: Path
     base_raw: dict
     trials: list[Trial]
+    stage: str = ""            # "selection" for the selection stage of a two-stage sweep
 
     @property
     def distinct(self) -> list[Trial]:
@@ -125,10 +128,13 @@ def _apply_sets(sweep_path: str, sets: list[str]) -> dict:
     return raw
 
 
-def load_sweep(path: str, sets: list[str] | None = None, check_paths: bool = True) -> Sweep:
+def load_sweep(path: str, sets: list[str] | None = None, check_paths: bool = True,
+               chosen: Optional[dict[str, dict]] = None) -> Sweep:
     """Parse, validate and expand a sweep file; every problem is a ConfigError (exit 2).
     ``check_paths=False``: every check but the dataset's paths (a cluster sweep's data is on the
-    cluster, not here)."""
+    cluster, not here). ``chosen``: with a ``selection`` section, each arm's setting chosen in the
+    selection stage (:mod:`conmim.run.selection`); without it, the first setting of the budget
+    stands in, so that every check runs before anything starts."""
     raw = _apply_sets(path, sets or [])
     try:
         spec = SweepConfig.model_validate(raw)
@@ -152,23 +158,12 @@ def load_sweep(path: str, sets: list[str] | None = None, check_paths: bool = Tru
     if spec.search == "optuna":
         for key in spec.optuna.space:
             set_dotted({}, key, None, label=f"{path}: optuna.space")
+    if spec.selection is not None:
+        for key in spec.selection.budget:
+            set_dotted({}, key, None, label=f"{path}: selection.budget")
     sweep = Sweep(spec, Path(path), base_raw, [])
-    grid_keys = list(spec.grid)
-    combos = list(itertools.product(*(spec.grid[k] for k in grid_keys))) or [()]
-    variants = [Variant(name="baseline", note="the base configuration")] + [
-        v for v in spec.variants if spec.only is None or v.name in spec.only]
-    seen: dict[str, str] = {}
-    for v in variants:
-        for combo in combos:
-            gvals = dict(zip(grid_keys, combo))
-            label = v.name + "".join(f"_{k.split('.')[-1]}={_value_name(x)}" for k, x in gvals.items())
-            for seed in spec.seeds:
-                overrides = {**v.set, **gvals}
-                cfg = trial_config(base_raw, spec, overrides, seed, f"{path}: variant '{v.name}'", check_paths)
-                key = canonical_hash(cfg)
-                name = f"{label}_seed{seed}"
-                sweep.trials.append(Trial(name, label, seed, overrides, cfg, key, seen.get(key), v.note))
-                seen.setdefault(key, name)
+    first = {k: vals[0] for k, vals in spec.selection.budget.items()} if spec.selection else {}
+    _expand(sweep, spec.grid, spec.seeds, {a: (chosen or {}).get(a, first) for a in arms(spec)}, check_paths)
     labels = list(dict.fromkeys(t.variant for t in sweep.trials))
     if "baseline" in spec.report.model_fields_set and spec.search != "optuna" and spec.report.baseline not in labels:
         raise ConfigError(f"{path} (sweep): invalid configuration: report.baseline = {spec.report.baseline!r} is not a "
@@ -177,6 +172,46 @@ def load_sweep(path: str, sets: list[str] | None = None, check_paths: bool = Tru
         # the sampled trials are created by Optuna at run time; the expansion holds the base only
         sweep.trials = [t for t in sweep.trials if t.variant == "baseline"][:1]
     return sweep
+
+
+def arms(spec: SweepConfig) -> list[str]:
+    """The arms a sweep compares: the baseline, then its variants (``only`` keeps some)."""
+    return ["baseline"] + [v.name for v in spec.variants if spec.only is None or v.name in spec.only]
+
+
+def _expand(sweep: Sweep, grid: dict[str, list], seeds: list[int], per_arm: dict[str, dict], check_paths: bool) -> None:
+    """Arms x grid x seeds as trials of ``sweep``; ``per_arm``: overrides of one arm only (its
+    chosen setting). Trials that are the same experiment become aliases of the first."""
+    spec, path = sweep.spec, sweep.path
+    grid_keys = list(grid)
+    combos = list(itertools.product(*(grid[k] for k in grid_keys))) or [()]
+    named = {v.name: v for v in spec.variants}
+    seen: dict[str, str] = {}
+    for arm in arms(spec):
+        v = named.get(arm) or Variant(name="baseline", note="the base configuration")
+        for combo in combos:
+            gvals = dict(zip(grid_keys, combo))
+            label = v.name + "".join(f"_{k.split('.')[-1]}={_value_name(x)}" for k, x in gvals.items())
+            for seed in seeds:
+                overrides = {**v.set, **per_arm.get(arm, {}), **gvals}
+                cfg = trial_config(sweep.base_raw, spec, overrides, seed, f"{path}: variant '{v.name}'", check_paths)
+                key = canonical_hash(cfg)
+                name = f"{label}_seed{seed}"
+                sweep.trials.append(Trial(name, label, seed, overrides, cfg, key, seen.get(key), v.note, arm, gvals))
+                seen.setdefault(key, name)
+
+
+def selection_stage(sweep: Sweep, check_paths: bool = True) -> Sweep:
+    """The selection stage of a sweep with a ``selection`` section: every arm at every setting of
+    the budget on the selection seeds, as a sweep of its own (``NAME.selection``: its own folder,
+    MLflow experiment and parent run), selecting on ``selection.metric`` (validation only)."""
+    sel = sweep.spec.selection
+    spec = sweep.spec.model_copy(update={
+        "name": f"{sweep.spec.name}.selection", "seeds": sel.seeds, "selection": None,
+        "mlflow": sweep.spec.mlflow.model_copy(update={"experiment": f"{sweep.spec.experiment}.selection"})})
+    stage = Sweep(spec, sweep.path, sweep.base_raw, [], stage="selection")
+    _expand(stage, sel.budget, sel.seeds, {}, check_paths)
+    return stage
 
 
 def trial_table(sweep: Sweep) -> str:

@@ -30,6 +30,10 @@ class DataConfig(Strict):
                                      "loader workers. Where a copy lies does not change the experiment (not in its id)")
 
 
+BEIT_FAMILIES = ("beit_", "beitv2_")
+LAYER_SCALE_FAMILIES = ("vit_", "deit", *BEIT_FAMILIES)  # timm's VisionTransformer and Beit take init_values
+
+
 class ModelConfig(Strict):
     name: str = Field("vit_small_patch16_224", description="any timm ViT (vit_*, deit_*) or BEiT (beit_*) by name")
     img_size: int = Field(224, ge=8)
@@ -48,6 +52,19 @@ class ModelConfig(Strict):
             raise ValueError(f"model.patch_size={self.patch_size} must divide model.img_size={self.img_size}")
         if self.embed_dim and self.num_heads and self.embed_dim % self.num_heads:
             raise ValueError(f"model.num_heads={self.num_heads} must divide model.embed_dim={self.embed_dim}")
+        # knobs a model family cannot honour are refused, not dropped: a vit_* keeps its absolute
+        # position embedding whatever shared_rel_pos_bias says, and the run would measure the wrong backbone
+        if self.shared_rel_pos_bias and not self.name.startswith(BEIT_FAMILIES):
+            raise ValueError(
+                f"model.shared_rel_pos_bias=true needs a BEiT (model.name=beit_* or beitv2_*); {self.name} has an "
+                f"absolute position embedding and no relative position bias, so the setting would be ignored. Use a "
+                f"beit_* model (e.g. model.name=beit_base_patch16_224 with model.embed_dim/depth/num_heads for a "
+                f"smaller one) or model.shared_rel_pos_bias=false")
+        if self.layer_scale_init is not None and not self.name.startswith(LAYER_SCALE_FAMILIES):
+            raise ValueError(
+                f"model.layer_scale_init={self.layer_scale_init} needs a model with layer scale "
+                f"({', '.join(f + '*' for f in LAYER_SCALE_FAMILIES)}); {self.name} has none, so the setting would "
+                f"be ignored. Leave model.layer_scale_init unset (null) for it")
         return self
 
     @property
@@ -247,7 +264,7 @@ class ExperimentConfig(Strict):
                 f"one's instead of adding them (pytorch/pytorch#169545); use pretrain.compile=true or "
                 f"max-autotune-no-cudagraphs, or pretrain.accumulate=1 with more workers")
         if self.pretrain.attention == "flex" and not (self.pretrain.compile is not False and self.model.shared_rel_pos_bias
-                                                      and self.model.name.startswith(("beit_", "beitv2_"))):
+                                                      and self.model.name.startswith(BEIT_FAMILIES)):
             raise ValueError(
                 f"pretrain.attention=flex needs pretrain.compile on (it is {self.pretrain.compile}) and a BEiT with a "
                 f"relative position bias, model.name=beit_* and model.shared_rel_pos_bias=true (they are "
@@ -269,6 +286,13 @@ class ExperimentConfig(Strict):
         """Images one worker computes at a time in ``phase`` (pretrain, finetune): its per-GPU batch."""
         p = getattr(self, phase)
         return p.batch_size // (self.resources.num_workers * p.accumulate)
+
+    def dictionary_size(self) -> int:
+        """Candidates each masked patch picks its own key among in pre-training: the P patches of its
+        image, or (``objective.dictionary: batch``) every patch of the worker's micro-batch. ln of it
+        is the loss at chance."""
+        patches = self.model.grid ** 2
+        return patches * (self.micro_batch("pretrain") if self.objective.dictionary == "batch" else 1)
 
     def batch_split(self) -> str:
         """How each phase's global batch is split: workers x micro-batches (``conmim validate`` prints it)."""

@@ -75,6 +75,28 @@ class AshaSpec(Strict):
     reduction_factor: float = Field(2, gt=1)
 
 
+class SelectionSpec(Strict):
+    """A fair ablation: every arm (the baseline and each variant) gets the same budget of settings,
+    and each arm's own setting is chosen on a validation metric, on seeds the comparison does not
+    use; the comparison's seeds then run at each arm's choice. A diverged setting is never chosen
+    while the arm has a stable one."""
+    budget: dict[str, list] = Field(description="experiment keys and the values every arm is tried at "
+                                    "(all combinations), e.g. {pretrain.lr: [3e-4, 1e-3]}")
+    seeds: list[int] = Field(min_length=1, description="selection seeds: none of them may be a comparison seed")
+    metric: ValidationMetric = Field("finetune_val_top1", description=f"one of {', '.join(VALIDATION_METRICS)}")
+    mode: Literal["max", "min"] = "max"
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_lists(cls, v):
+        if not v:
+            raise ValueError("selection.budget is empty; give at least one key with its values")
+        for k, vals in v.items():
+            if not isinstance(vals, list) or not vals:
+                raise ValueError(f"selection.budget.{k} must be a non-empty list of values")
+        return v
+
+
 class ReportSpec(Strict):
     metric: str = Field("finetune_top1", description="the primary metric of `conmim report` (a column of results.parquet)")
     baseline: str = Field("baseline", description="the variant every Δ is taken against, paired by seed")
@@ -124,6 +146,8 @@ class SweepConfig(Strict):
     resources: SweepResources = SweepResources()
     mlflow: MlflowSpec = MlflowSpec()
     report: ReportSpec = ReportSpec()
+    selection: Optional[SelectionSpec] = Field(None, description="a selection stage before the comparison: each "
+                                               "arm at its own best setting of a shared budget")
     storage: str = "./ray_results"
     max_failures: int = Field(0, ge=0, description="Tune: retries of a crashed trial, each resuming from the trial's "
                               "checkpoints (a trial's own worker restarts are resources.max_failures)")
@@ -169,6 +193,21 @@ class SweepConfig(Strict):
                 raise ValueError("search=optuna needs an 'optuna' section with a non-empty 'space'")
             if self.grid:
                 raise ValueError("grid cannot be combined with search=optuna (Optuna samples the space instead)")
+        if self.selection is not None:
+            sel = self.selection
+            if self.search != "grid" or self.grid:
+                raise ValueError("selection chooses each arm's setting before a comparison of arms: use it with "
+                                 "variants and search=grid, without a 'grid' (the budget is the grid of settings)")
+            shared = sorted(set(sel.seeds) & set(self.seeds))
+            if shared:
+                raise ValueError(f"selection.seeds and seeds share {shared}: choosing a setting on the seeds it is "
+                                 f"compared on would favour it; give selection seeds of their own")
+            twice = set(sel.budget) & ({k for v in self.variants for k in v.set} | set(self.base_spec.set)
+                                       | set(self.resource_overrides()))
+            if twice:
+                raise ValueError(f"{', '.join(sorted(twice))} is in selection.budget and also set by base.set, the "
+                                 f"resources section or a variant; a budget key is chosen per arm, so set it only "
+                                 f"in the budget")
         if self.scheduler == "asha" and self.search != "optuna":
             raise ValueError("scheduler=asha stops trials early: use it with search=optuna, not with an ablation grid")
         both = set(self.resource_overrides()) & ({k for v in self.variants for k in v.set} | set(self.grid)

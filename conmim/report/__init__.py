@@ -15,6 +15,7 @@ from conmim.config.sweep import default_tracking_uri
 from conmim.metrics import FINAL_METRICS
 from conmim.report.plot import forest_plot
 from conmim.report.rows import report_spec_from_mlflow, report_spec_of_sweep, rows_from_mlflow, rows_from_parquet, validated_spec
+from conmim.report.selection import read_choice, selection_markdown
 from conmim.report.table import markdown, summarize
 
 
@@ -42,6 +43,8 @@ def make_report(source: str | Path, tracking_uri: Optional[str] = None, out_dir:
                           f"{', '.join(k for k in rows[0] if k in FINAL_METRICS)}.")
     summary = summarize(rows, spec.metric, spec.baseline)
     md = markdown(summary, f"Ablation: {title}")
+    if not secondary and (choice := read_choice(src)) is not None:
+        md += "\n" + selection_markdown(choice)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"report_{spec.metric}" if secondary else "report"
     (out_dir / f"{stem}.md").write_text(md)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conmim import stats
-from conmim.report.table import DEFAULT_BASELINE, DEFAULT_METRIC, metric_scale
+from conmim.report.table import DEFAULT_BASELINE, DEFAULT_METRIC, flagged, metric_scale
 
 
 def forest_plot(summary: list[dict], path: Path, title: str) -> Path:
@@ -34,7 +34,7 @@ def forest_figure(summary: list[dict], title: str):
     xs = [0.0]
     for i, s in enumerate(rows):
         y = len(rows) - 1 - i
-        bad = s["collapsed"] or s["at_chance"] or s["shortcut"]
+        bad = flagged(s)
         color = "#c0392b" if bad else "#1f4e79"
         d, (lo, hi), mde = s["delta"], s["delta_ci"], s["mde"]
         if mde == mde:
@@ -76,8 +76,8 @@ def forest_figure(summary: list[dict], title: str):
                     Line2D([], [], marker="o", ls="", color="#1f4e79", mfc="white", label="not significant")]
     if any(x["mde"] == x["mde"] for x in rows):
         handles.append(Patch(color="#d5d8dc", label=f"±MDE ({stats.POWER * 100:.0f} % power, α = {stats.ALPHA:g})"))
-    if any(x["collapsed"] or x["at_chance"] or x["shortcut"] for x in rows):
-        handles.append(Line2D([], [], marker="o", ls="", color="#c0392b", mfc="white", label="collapsed / chance / shortcut"))
+    if any(flagged(x) for x in rows):
+        handles.append(Line2D([], [], marker="o", ls="", color="#c0392b", mfc="white", label="collapsed / diverged / chance / shortcut"))
     if handles:
         fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncol=len(handles), frameon=False)
     return fig

@@ -30,8 +30,9 @@ def rows_from_mlflow(experiment: str, tracking_uri: str) -> list[dict]:
                 "reason": t.get(T.REASON, ""),
                 "collapsed": bool(m.get("collapsed", 0)), "at_chance": bool(m.get("at_chance", 0)),
                 **{k: m.get(k, float("nan")) for k in FINAL_METRICS}}
-        if "positional_shortcut" in m:
-            base["positional_shortcut"] = bool(m["positional_shortcut"])
+        for flag in ("positional_shortcut", "diverged"):  # (flags added later: absent from older runs)
+            if flag in m:
+                base[flag] = bool(m[flag])
         if t.get(T.PROBE_ENCODER):
             base["probe_encoder"] = t[T.PROBE_ENCODER]
         rows.append(base)

@@ -96,6 +96,7 @@ def summarize(rows: list[dict], metric: str = DEFAULT_METRIC, baseline: str = DE
             "probe_encoder": ", ".join(dict.fromkeys(probe_encoder(r) for r in groups[v])),
             "collapsed": sum(_flag(r["collapsed"]) for r in rs), "at_chance": sum(_flag(r["at_chance"]) for r in rs),
             "shortcut": sum(_flag(r.get("positional_shortcut")) for r in rs),
+            "diverged": sum(_flag(r.get("diverged")) for r in rs),
             "failed": sum(str(r["status"]).startswith("failed") or "failed" in str(r["status"]) for r in groups[v]),
             "alias_of": sorted({r["alias_of"].rsplit("_seed", 1)[0] for r in groups[v] if r.get("alias_of")}),
             "changed": groups[v][0].get("note") or _overrides_text(groups[v][0].get("overrides", "")),
@@ -154,9 +155,14 @@ def _fmt_p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def flagged(s: dict) -> bool:
+    """A summary row some of whose trials measure a failure (collapse, divergence, chance, shortcut)."""
+    return bool(s["collapsed"] or s["diverged"] or s["at_chance"] or s["shortcut"])
+
+
 def _collapse_warning(summary: list[dict]) -> list[str]:
-    """Numbers that lie: a collapsed pre-training, a chance-level fine-tune or a pre-training task
-    solved by position is said up front."""
+    """Numbers that lie: a collapsed or diverged pre-training, a chance-level fine-tune or a
+    pre-training task solved by position is said up front."""
     n = sum(s["n"] for s in summary)
     lines = []
     collapsed, chance = sum(s["collapsed"] for s in summary), sum(s["at_chance"] for s in summary)
@@ -171,6 +177,13 @@ def _collapse_warning(summary: list[dict]) -> list[str]:
         lines += [f"**⚠ {shortcut} of {n} finished trials solved the pre-training task by position** ({who}): the "
                   f"masked query found its key by their shared position code, so the pre-training loss says nothing "
                   f"about the contrastive task and their numbers measure that shortcut, not the ablated component.", ""]
+    diverged = sum(s["diverged"] for s in summary)
+    if diverged:
+        who = ", ".join(s["variant"] for s in summary if s["diverged"])
+        lines += [f"**⚠ {diverged} of {n} finished trials diverged in pre-training** ({who}): the loss rose above "
+                  f"chance (ln of the dictionary size) after warm-up or ended above it, so their numbers measure an "
+                  f"unstable recipe (an lr or warm-up the arm does not tolerate), not the role of the ablated "
+                  f"component.", ""]
     return lines
 
 
@@ -208,12 +221,14 @@ def markdown(summary: list[dict], title: str) -> str:
             notes.append(f"{s['at_chance']} at chance")
         if s["shortcut"]:
             notes.append(f"{s['shortcut']} positional shortcut")
+        if s["diverged"]:
+            notes.append(f"{s['diverged']} diverged")
         if s["failed"]:
             notes.append(f"{s['failed']} failed")
         if s["n"] < s["planned"] and not s["failed"]:
             notes.append(f"{s['planned'] - s['n']} unfinished")
         flag = (" ⚠ COLLAPSED" if s["collapsed"] else "") + (" ⚠ AT CHANCE" if s["at_chance"] and not s["collapsed"] else "") \
-            + (" ⚠ POSITIONAL SHORTCUT" if s["shortcut"] else "")
+            + (" ⚠ POSITIONAL SHORTCUT" if s["shortcut"] else "") + (" ⚠ DIVERGED" if s["diverged"] else "")
         if s["is_reference"]:
             delta = "reference"
         else:

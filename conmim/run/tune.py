@@ -132,6 +132,8 @@ def _start_runs(sweep: Sweep) -> dict:
     c = mlflow_runs.client(uri)
     mlflow_runs.retry(c.set_tag, parent_id, T.REPORT_METRIC, spec.report.metric)
     mlflow_runs.retry(c.set_tag, parent_id, T.REPORT_BASELINE, spec.report.baseline)
+    if sweep.stage:
+        mlflow_runs.retry(c.set_tag, parent_id, T.STAGE, sweep.stage)
     state.update(name=spec.name, tracking_uri=uri, experiment=sweep.experiment, experiment_id=exp_id,
                  parent_run_id=parent_id, sweep_file=str(sweep.path.resolve()), report=spec.report.model_dump(),
                  sweep_digest=sweep_digest(sweep))
@@ -158,7 +160,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, report: bool = True, echo=prin
     info = {"sweep_dir": str(d), "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id,
             "trials": records if sweep.spec.search == "grid" else {}, "aliases": aliases,
             "git": mlflow_runs.git_commit(), "base_config": sweep.distinct[0].config.to_dict(),
-            "warnings": data_warnings}
+            "warnings": data_warnings, "stage": sweep.stage}
     write_results(d)
 
     # Per-epoch reports carry pre-training/fine-tuning curves; the searcher's final metric comes

@@ -14,6 +14,7 @@ from conmim.run.results import FAILED_FILE
 from conmim.run.stop import stopping
 from conmim.tracking import client as mlflow_runs
 from conmim.tracking import tags as T
+from conmim.trial import trial_warnings
 from conmim.tracking.buffer import PENDING_FILE, flush_pending
 from conmim.trial import TrialResult
 
@@ -46,7 +47,8 @@ def _tags(rec: dict, info: dict, ray_trial_id: str) -> dict:
             T.ALIAS_RECORDS: json.dumps(aliases, default=str)[:5000],
             T.OVERRIDES: json.dumps(rec["overrides"], sort_keys=True, default=str)[:5000],
             T.NOTE: rec.get("note", "")[:5000],
-            T.RAY_TRIAL_ID: ray_trial_id, **({T.GIT_COMMIT: info["git"]} if info.get("git") else {})}
+            T.RAY_TRIAL_ID: ray_trial_id, **({T.GIT_COMMIT: info["git"]} if info.get("git") else {}),
+            **({T.STAGE: info["stage"]} if info.get("stage") else {})}
 
 
 def run_one_trial(params: dict, info: dict) -> None:
@@ -101,8 +103,7 @@ def run_one_trial(params: dict, info: dict) -> None:
     c = mlflow_runs.client(uri)
     if res.node_id:
         mlflow_runs.retry(c.set_tag, run_id, T.NODE_ID, res.node_id)
-    if res.flags["collapsed"] or res.flags["at_chance"]:  # (after the data's warnings, if any)
-        mlflow_runs.retry(c.set_tag, run_id, T.WARNING, "; ".join(
-            res.warnings + ["collapsed pre-training" if res.flags["collapsed"] else "fine-tuned top-1 at chance"])[:5000])
+    if warnings := trial_warnings(res.flags):  # (after the data's warnings, if any)
+        mlflow_runs.retry(c.set_tag, run_id, T.WARNING, "; ".join(res.warnings + warnings)[:5000])
     mlflow_runs.end_run(uri, run_id, "FINISHED")
     tune.report({**final, "status": "finished"})
