@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from conmim.config.experiment import ExperimentConfig, canonical_hash
+from conmim.config.experiment import ExperimentConfig
+from conmim.config.identity import canonical_hash
 from conmim.files import write_json
 from conmim.metrics import FINAL_METRICS, FLAGS, TIMINGS
 

@@ -103,7 +103,7 @@ def test_encoded_images_hold_buffers_not_one_object_per_image(shards):
 
 
 def test_cache_dir_does_not_change_the_experiment_id():
-    from conmim.config.experiment import canonical_hash
+    from conmim.config.identity import canonical_hash
     a = load_config("tiny", ["data.name=parquet", "data.root=/x.parquet"], check_paths=False)
     b = load_config("tiny", ["data.name=parquet", "data.root=/x.parquet", "data.cache_dir=/nvme/c"], check_paths=False)
     assert canonical_hash(a) == canonical_hash(b)

@@ -12,7 +12,8 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from conmim.config.errors import ConfigError
-from conmim.config.experiment import ExperimentConfig, canonical_hash
+from conmim.config.experiment import ExperimentConfig
+from conmim.config.identity import canonical_hash
 from conmim.config.loading import build, format_validation_error, load_source, parse_override, read_yaml, set_dotted
 from conmim.config.sweep import SweepConfig, Variant
 

@@ -8,7 +8,8 @@ import time
 import traceback
 from pathlib import Path
 
-from conmim.config.experiment import ExperimentConfig, canonical_hash
+from conmim.config.experiment import ExperimentConfig
+from conmim.config.identity import canonical_hash
 from conmim.files import write_json
 from conmim.run.results import FAILED_FILE
 from conmim.run.stop import stopping
