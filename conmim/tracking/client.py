@@ -89,12 +89,30 @@ def log_config(uri: str, run_id: str, config: dict, path: Path) -> None:
 
 
 def git_commit() -> Optional[str]:
+    """The commit of the code that runs: the checkout the package is imported from, or, for a
+    non-editable install (``pip install .`` or from a git URL), the commit pip recorded or the
+    checkout it installed from (its ``direct_url.json``)."""
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    def head(root) -> Optional[str]:
+        try:
+            return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() or None
+        except Exception:  # noqa: BLE001
+            return None
+
+    if commit := head(Path(__file__).resolve().parents[1]):
+        return commit
     try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                               timeout=5).stdout.strip() or None
-    except Exception:  # noqa: BLE001
+        url = json.loads(metadata.distribution("conmim").read_text("direct_url.json") or "{}")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
         return None
+    if commit := url.get("vcs_info", {}).get("commit_id"):
+        return commit
+    src = urlparse(url.get("url", ""))
+    return head(unquote(src.path)) if src.scheme == "file" else None
 
 
 def experiment_id(uri: str, name: str) -> str:
