@@ -7,6 +7,7 @@ seed: trials with the same seed share initialisation and data order, so the diff
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -52,4 +53,30 @@ def make_report(source: str | Path, tracking_uri: Optional[str] = None, out_dir:
         c = mlflow_runs.client(state["tracking_uri"])
         mlflow_runs.retry(c.log_artifact, state["parent_run_id"], str(out_dir / f"{stem}.md"))
         mlflow_runs.retry(c.log_artifact, state["parent_run_id"], str(png))
+        if not secondary:
+            publish_on_parent(state["tracking_uri"], state["parent_run_id"], md, png.name, summary)
     return {"markdown": md, "summary": summary, "png": png, "report": out_dir / f"{stem}.md"}
+
+
+def delta_metric_name(metric: str, variant: str) -> str:
+    """The parent run's metric holding ``variant``'s Δ (MLflow allows letters, digits and ``_-. :/``
+    in names; a grid label's ``=`` or ``+`` becomes ``_``)."""
+    return f"delta_{metric}/" + re.sub(r"[^\w.\- :]", "_", variant)
+
+
+def publish_on_parent(uri: str, parent_id: str, md: str, png_name: str, summary: list[dict]) -> None:
+    """The answer on the sweep's page in the MLflow UI: the report's markdown (the ablation table)
+    as the parent run's description, with the forest plot (an artifact of the run) shown under
+    it, and each variant's Δ vs the reference as a metric of the parent (in the metric's own unit,
+    e.g. a fraction like ``finetune_top1``), so the runs table and charts can compare them. Called
+    again when a resumed sweep finishes: the description is replaced, the metrics get new values."""
+    from conmim.tracking import client as mlflow_runs
+    from conmim.tracking import tags as T
+    from conmim.report.table import metric_scale
+    plot = f"get-artifact?path={png_name}&run_uuid={parent_id}"  # relative: the UI's own server serves it
+    note = md + f"\n![forest plot: Δ vs the reference, 95 % CI]({plot})\n"
+    c = mlflow_runs.client(uri)
+    mlflow_runs.retry(c.set_tag, parent_id, T.NOTE_CONTENT, note)
+    deltas = {delta_metric_name(s["metric"], s["variant"]): s["delta"] / metric_scale(s["metric"])[0]
+              for s in summary if not s["is_reference"]}
+    mlflow_runs.log_metrics(uri, parent_id, deltas)

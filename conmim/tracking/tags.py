@@ -20,3 +20,6 @@ REPORT_METRIC = "conmim.report.metric"      # on the parent run: the report's pr
 REPORT_BASELINE = "conmim.report.baseline"  # ... and the variant every delta is taken against
 RAY_TRIAL_ID = "ray.trial_id"
 PARENT_RUN_ID = "mlflow.parentRunId"
+NOTE_CONTENT = "mlflow.note.content"        # a run's description in the MLflow UI: the sweep's report
+EXPERIMENT_KIND = "mlflow.experimentKind"   # on the experiment: which MLflow 3 view opens it
+TRAINING_KIND = "custom_model_development"  # ... the model-training view, not the GenAI one
