@@ -188,10 +188,17 @@ def close_open_children(uri: str, exp_id: str, parent_id: str, status: str, reas
 
 
 def ui_links(ui: str, exp_id: str, parent_id: str | None = None) -> list[tuple[str, str]]:
-    """Direct addresses in the MLflow UI at ``ui``: the experiment's runs table (MLflow 3 opens an
-    experiment on its GenAI traces page; a sweep's trials are in the runs table) and the parent run."""
+    """Direct addresses in the MLflow UI at ``ui``: the sweep's run page (its description is the
+    ablation table, its child runs listed) and the experiment's runs table filtered to the trials
+    (a filter shows the child runs as rows of their own, not folded under the parent). Both ask for
+    MLflow 3's model-training view (``workflowType=machine_learning``); the experiment's
+    ``mlflow.experimentKind`` tag asks the same of a UI opened without the parameter."""
+    from urllib.parse import quote
+    from conmim.tracking import tags as T
     base = ui.rstrip("/")
-    links = [("runs of the sweep", f"{base}/#/experiments/{exp_id}/runs")]
+    trials = quote(f"tags.`{T.ROLE}` = 'trial'", safe="")
+    links = []
     if parent_id:
-        links.append(("the sweep's run ", f"{base}/#/experiments/{exp_id}/runs/{parent_id}"))
+        links.append(("the sweep's run", f"{base}/#/experiments/{exp_id}/runs/{parent_id}?workflowType=machine_learning"))
+    links.append(("its trials", f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning&searchFilter={trials}"))
     return links

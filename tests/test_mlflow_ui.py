@@ -1,0 +1,228 @@
+"""The MLflow UI a sweep points to: the printed `conmim ui ...` command run as printed opens the
+sweep's store (started with --set storage/tracking_uri from another folder), the rendered pages in
+headless Chromium show the trials, their finetune_top1 and the ablation table; a missing store or
+one without the sweep is refused with exit 2 and nothing is created."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conmim.cli import main
+from conftest import CONMIM, REPO, SMALL
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = REPO / "docs" / "img" / "mlflow-sweep.png"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dbs(*roots):
+    return sorted(str(p) for r in roots for p in Path(r).rglob("*.db"))
+
+
+def write_sweep(path: Path, name: str) -> Path:
+    """A tiny sweep file with no storage and no tracking_uri of its own: --set chooses them."""
+    path.write_text(yaml.safe_dump({"name": name, "base": {"config": "tiny", "set": dict(SMALL)}, "seeds": [0],
+                                    "variants": [{"name": "scratch", "set": {"pretrain.enabled": False}}]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep_elsewhere(tmp_path_factory, ray_session):
+    """A finished tiny sweep (baseline + scratch, one seed), started from folder `cwd` with
+    --set mlflow.tracking_uri=sqlite:///ELSEWHERE/mlflow.db --set storage=ELSEWHERE."""
+    root = tmp_path_factory.mktemp("ui")
+    cwd, elsewhere = root / "cwd", root / "elsewhere"
+    cwd.mkdir(), elsewhere.mkdir()
+    f = write_sweep(root / "uisweep.yaml", "uisweep")
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        res = CliRunner().invoke(main, ["sweep", str(f), "--set", f"mlflow.tracking_uri=sqlite:///{elsewhere}/mlflow.db",
+                                        "--set", f"storage={elsewhere}"])
+    finally:
+        os.chdir(old)
+    assert res.exit_code == 0, res.output[-3000:]
+    return {"root": root, "cwd": cwd, "elsewhere": elsewhere, "output": res.output, "file": f}
+
+
+def printed_ui(output: str) -> tuple[str, list[str]]:
+    """The `conmim ui ...` command and the links the sweep printed at its end."""
+    lines = output.splitlines()
+    i = next(i for i, l in enumerate(lines) if l.startswith("next: conmim ui "))
+    cmd = lines[i][len("next: "):].split("   ")[0]
+    return cmd, [l.split(": ", 1)[1] for l in lines[i + 1:i + 3]]
+
+
+class UiServer:
+    """The printed command, run as printed by a shell in ``cwd`` (the venv's bin first on PATH),
+    on a free port (CONMIM_UI_PORT); waits for /health with a deadline; killed with its group."""
+
+    def __init__(self, cmd: str, cwd: Path, deadline_s: float = 300):
+        self.port = free_port()
+        env = {**os.environ, "PATH": f"{Path(CONMIM).parent}:{os.environ['PATH']}", "CONMIM_UI_PORT": str(self.port)}
+        self.log = cwd / "ui.log"
+        self.proc = subprocess.Popen(cmd, shell=True, cwd=cwd, env=env, stdout=open(self.log, "w"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.base = f"http://127.0.0.1:{self.port}"
+        end = time.time() + deadline_s
+        while True:
+            try:
+                if urllib.request.urlopen(self.base + "/health", timeout=5).read().strip() == b"OK":
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > end:
+                self.stop()
+                raise AssertionError(f"conmim ui did not answer: {self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def api(self, path: str) -> dict:
+        import json
+        return json.loads(urllib.request.urlopen(self.base + "/ajax-api/2.0/mlflow/" + path, timeout=30).read())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ui_server(sweep_elsewhere):
+    cmd, _ = printed_ui(sweep_elsewhere["output"])
+    server = UiServer(cmd, sweep_elsewhere["cwd"])
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_sweep_elsewhere_prints_one_table_and_a_ui_command_for_its_store(sweep_elsewhere):
+    out, elsewhere = sweep_elsewhere["output"], sweep_elsewhere["elsewhere"]
+    cmd, links = printed_ui(out)
+    assert cmd == f"conmim ui {elsewhere / 'uisweep'}", cmd  # the folder that recorded the store
+    assert sum(l.startswith("| baseline |") for l in out.splitlines()) == 1, out  # the table, once
+    assert dbs(sweep_elsewhere["cwd"]) == [] and dbs(elsewhere) == [str(elsewhere / "mlflow.db")]
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(f"sqlite:///{elsewhere}/mlflow.db")
+    exp = c.get_experiment_by_name("uisweep")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent_link, trials_link = links
+    assert f"/#/experiments/{exp.experiment_id}/runs/" in parent_link
+    parent = c.get_run(re.search(r"/runs/([0-9a-f]+)", parent_link).group(1))
+    assert parent.info.experiment_id == exp.experiment_id and parent.data.tags["conmim.role"] == "sweep"
+    assert "| scratch |" in parent.data.tags["mlflow.note.content"]
+    assert "delta_finetune_top1/scratch" in parent.data.metrics
+    assert f"/#/experiments/{exp.experiment_id}/runs?" in trials_link
+
+
+@pytest.mark.slow
+def test_printed_command_opens_the_store_holding_the_sweep(sweep_elsewhere, ui_server):
+    """Run literally from the folder the sweep started in: its server holds the sweep's experiment
+    and its runs, and no database appeared anywhere."""
+    exps = {e["name"]: e["experiment_id"] for e in ui_server.api("experiments/search?max_results=100")["experiments"]}
+    assert "uisweep" in exps
+    runs = ui_server.api(f"runs/search?experiment_ids={exps['uisweep']}&max_results=100").get("runs", [])
+    names = {r["info"]["run_name"] for r in runs}
+    assert {"uisweep", "baseline_seed0", "scratch_seed0"} <= names, names
+    assert dbs(sweep_elsewhere["cwd"]) == [] and len(dbs(sweep_elsewhere["elsewhere"])) == 1
+
+
+def browser():
+    from playwright.sync_api import sync_playwright
+    pw = sync_playwright().start()
+    b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    return pw, b
+
+
+@pytest.mark.slow
+def test_mlflow_ui_in_chromium_shows_the_trials_and_the_ablation_table(sweep_elsewhere, ui_server, tmp_path):
+    """The printed links in headless Chromium: the sweep's page shows the ablation table (its
+    description) and its trials; the trials' page lists each trial with its finetune_top1."""
+    import pyarrow.parquet as pq
+    _, links = printed_ui(sweep_elsewhere["output"])
+    rows = {r["trial"]: r for r in pq.read_table(sweep_elsewhere["elsewhere"] / "uisweep" / "results.parquet").to_pylist()}
+    pw, b = browser()
+    try:
+        ctx = b.new_context(viewport={"width": 1600, "height": 1100})
+        page = ctx.new_page()
+        page.goto(links[0].replace("http://127.0.0.1:5000", ui_server.base))
+        page.get_by_role("table").filter(has_text="scratch").first.wait_for(timeout=180_000)
+        text = page.inner_text("body")
+        assert "Ablation: uisweep" in text and re.search(r"scratch\s+pretrain.enabled=False", text), text[:3000]
+        assert "baseline_seed0" in text and "scratch_seed0" in text  # its child runs
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(tmp_path / "sweep.png"), full_page=True)
+        if os.environ.get("CONMIM_SAVE_SCREENSHOT"):
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        page.goto(links[1].replace("http://127.0.0.1:5000", ui_server.base))
+        for name in ("baseline_seed0", "scratch_seed0"):
+            page.get_by_text(name).first.wait_for(timeout=180_000)
+        text = page.inner_text("body")
+        for name in ("baseline_seed0", "scratch_seed0"):
+            page.get_by_text(name).first.click()
+            page.get_by_text("finetune_top1").first.wait_for(timeout=120_000)
+            shown = page.inner_text("body")
+            assert re.search(r"finetune_top1\s+" + re.escape(f"{rows[name]['finetune_top1']:.4g}"[:5]), shown), \
+                (name, shown[:3000])
+            page.go_back()
+    finally:
+        b.close()
+        pw.stop()
+
+
+def test_ui_refuses_a_store_that_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "does" / "not" / "exist.db"
+    r = subprocess.run([CONMIM, "ui", "--tracking-uri", f"sqlite:///{missing}", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no MLflow store at" in r.stderr and "never creates" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # one paragraph
+    assert dbs(tmp_path) == [] and not (tmp_path / "does").exists()
+
+
+def test_ui_refuses_a_store_without_the_sweep_and_names_the_known_ones(tmp_path, monkeypatch):
+    from conmim.tracking import client as tracking
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other" / "mlflow.db"
+    other.parent.mkdir()
+    tracking.experiment_id(f"sqlite:///{other}", "someone-else")
+    known = tmp_path / "runs" / "demo"  # a sweep folder as a sweep leaves it: its store recorded
+    known.mkdir(parents=True)
+    (known / "sweep.json").write_text(f'{{"name": "demo", "experiment": "demo", "tracking_uri": '
+                                      f'"sqlite:///{tmp_path}/runs/mlflow.db", "experiment_id": "1"}}')
+    f = write_sweep(tmp_path / "s.yaml", "mine")
+    before = dbs(tmp_path)
+    for args in (["ui", str(f), "--set", f"mlflow.tracking_uri=sqlite:///{other}"],
+                 ["ui", "runs/demo", "--tracking-uri", f"sqlite:///{other}"]):
+        r = subprocess.run([CONMIM, *args, "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "holds no experiment" in r.stderr and "'someone-else'" in r.stderr, r.stderr
+        assert f"sqlite:///{tmp_path}/runs/mlflow.db with sweep 'demo' (conmim ui runs/demo)" in r.stderr, r.stderr
+    r = subprocess.run([CONMIM, "ui", "runs/demo", "--port", str(free_port())], capture_output=True, text=True,
+                       timeout=120)  # the recorded store itself is gone: refused, not re-created
+    assert r.returncode == 2 and "no MLflow store at" in r.stderr, r.stderr
+    assert dbs(tmp_path) == before == [str(other)]
+
+
+def test_relative_sqlite_uri_is_recorded_absolute(tmp_path, monkeypatch):
+    from conmim.tracking.stores import absolute_uri
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
