@@ -189,16 +189,13 @@ def close_open_children(uri: str, exp_id: str, parent_id: str, status: str, reas
 
 def ui_links(ui: str, exp_id: str, parent_id: str | None = None) -> list[tuple[str, str]]:
     """Direct addresses in the MLflow UI at ``ui``: the sweep's run page (its description is the
-    ablation table, its child runs listed) and the experiment's runs table filtered to the trials
-    (a filter shows the child runs as rows of their own, not folded under the parent). Both ask for
+    ablation table and the trials with their finetune_top1) and the experiment's runs table (where
+    MLflow 3.17 folds the trials under the sweep's row). Both ask for
     MLflow 3's model-training view (``workflowType=machine_learning``); the experiment's
     ``mlflow.experimentKind`` tag asks the same of a UI opened without the parameter."""
-    from urllib.parse import quote
-    from conmim.tracking import tags as T
     base = ui.rstrip("/")
-    trials = quote(f"tags.`{T.ROLE}` = 'trial'", safe="")
     links = []
     if parent_id:
         links.append(("the sweep's run", f"{base}/#/experiments/{exp_id}/runs/{parent_id}?workflowType=machine_learning"))
-    links.append(("its trials", f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning&searchFilter={trials}"))
+    links.append(("all runs", f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"))
     return links
