@@ -91,9 +91,13 @@ class UiServer:
                 raise AssertionError(f"conmim ui did not answer: {self.log.read_text()[-3000:]}")
             time.sleep(0.5)
 
-    def api(self, path: str) -> dict:
+    def api(self, path: str, body: dict | None = None) -> dict:
+        """MLflow's REST API on this server: GET, or POST with a JSON ``body``."""
         import json
-        return json.loads(urllib.request.urlopen(self.base + "/ajax-api/2.0/mlflow/" + path, timeout=30).read())
+        req = urllib.request.Request(self.base + "/ajax-api/2.0/mlflow/" + path,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(req, timeout=30).read())
 
     def stop(self):
         if self.proc.poll() is None:
@@ -133,9 +137,10 @@ def test_sweep_elsewhere_prints_one_table_and_a_ui_command_for_its_store(sweep_e
 def test_printed_command_opens_the_store_holding_the_sweep(sweep_elsewhere, ui_server):
     """Run literally from the folder the sweep started in: its server holds the sweep's experiment
     and its runs, and no database appeared anywhere."""
-    exps = {e["name"]: e["experiment_id"] for e in ui_server.api("experiments/search?max_results=100")["experiments"]}
-    assert "uisweep" in exps
-    runs = ui_server.api(f"runs/search?experiment_ids={exps['uisweep']}&max_results=100").get("runs", [])
+    exp = ui_server.api("experiments/get-by-name?experiment_name=uisweep")["experiment"]
+    _, links = printed_ui(sweep_elsewhere["output"])
+    assert f"/#/experiments/{exp['experiment_id']}/runs/" in links[0]  # the printed ids are this store's
+    runs = ui_server.api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100}).get("runs", [])
     names = {r["info"]["run_name"] for r in runs}
     assert {"uisweep", "baseline_seed0", "scratch_seed0"} <= names, names
     assert dbs(sweep_elsewhere["cwd"]) == [] and len(dbs(sweep_elsewhere["elsewhere"])) == 1
