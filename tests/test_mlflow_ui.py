@@ -227,3 +227,19 @@ def test_relative_sqlite_uri_is_recorded_absolute(tmp_path, monkeypatch):
     assert absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
+
+
+def test_raylet_messages_go_to_the_sweeps_ray_log(tmp_path, capsys):
+    """The raylet's messages to the driver (the worker start-up concurrency WARNING) are printed by
+    Ray's error-listener thread through ray._private.worker.print_to_stdstream: after
+    send_ray_logs_to they land in ray.log, and a worker's own output still reaches its printer."""
+    import ray._private.worker as ray_worker
+    from conmim.run.console import send_ray_logs_to
+    log = send_ray_logs_to(tmp_path / "ray.log")
+    msg = "WARNING: 12 PYTHON worker processes have been started on node: x, which is 3x the maximum expected startup concurrency (4)."
+    ray_worker.print_to_stdstream({"lines": [msg], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": ["hello from a worker"], "pid": 123, "ip": "127.0.0.1", "is_err": False,
+                                   "task_name": "w", "actor_name": "", "job": "01"}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "maximum expected startup concurrency" not in out and "hello from a worker" in out, out
+    assert f"(raylet) {msg}" in log.read_text()
