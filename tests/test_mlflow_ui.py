@@ -2,6 +2,7 @@
 sweep's store (started with --set storage/tracking_uri from another folder), the rendered pages in
 headless Chromium show the trials, their finetune_top1 and the ablation table; a missing store or
 one without the sweep is refused with exit 2 and nothing is created."""
+import json
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = REPO / "docs" / "img" / "mlflow-sweep.png"
+TRIALS_SCREENSHOT = REPO / "docs" / "img" / "mlflow-trials.png"
 
 
 def free_port() -> int:
@@ -44,18 +46,24 @@ def write_sweep(path: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def sweep_elsewhere(tmp_path_factory, ray_session):
     """A finished tiny sweep (baseline + scratch, one seed), started from folder `cwd` with
-    --set mlflow.tracking_uri=sqlite:///ELSEWHERE/mlflow.db --set storage=ELSEWHERE."""
+    --set mlflow.tracking_uri=sqlite:///ELSEWHERE/mlflow.db --set storage=ELSEWHERE, with
+    MLFLOW_TRACKING_URI naming another store (conmim does not read it: the config names the store)."""
     root = tmp_path_factory.mktemp("ui")
     cwd, elsewhere = root / "cwd", root / "elsewhere"
     cwd.mkdir(), elsewhere.mkdir()
     f = write_sweep(root / "uisweep.yaml", "uisweep")
-    old = os.getcwd()
+    old, old_env = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
     os.chdir(cwd)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/from-env.db"
     try:
         res = CliRunner().invoke(main, ["sweep", str(f), "--set", f"mlflow.tracking_uri=sqlite:///{elsewhere}/mlflow.db",
                                         "--set", f"storage={elsewhere}"])
     finally:
         os.chdir(old)
+        if old_env is None:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
     assert res.exit_code == 0, res.output[-3000:]
     return {"root": root, "cwd": cwd, "elsewhere": elsewhere, "output": res.output, "file": f}
 
@@ -74,7 +82,8 @@ class UiServer:
 
     def __init__(self, cmd: str, cwd: Path, deadline_s: float = 300):
         self.port = free_port()
-        env = {**os.environ, "PATH": f"{Path(CONMIM).parent}:{os.environ['PATH']}", "CONMIM_UI_PORT": str(self.port)}
+        env = {**os.environ, "PATH": f"{Path(CONMIM).parent}:{os.environ['PATH']}", "CONMIM_UI_PORT": str(self.port),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/from-env.db"}  # not read: the printed command names the store
         self.log = cwd / "ui.log"
         self.proc = subprocess.Popen(cmd, shell=True, cwd=cwd, env=env, stdout=open(self.log, "w"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -119,7 +128,7 @@ def test_sweep_elsewhere_prints_one_table_and_a_ui_command_for_its_store(sweep_e
     cmd, links = printed_ui(out)
     assert cmd == f"conmim ui {elsewhere / 'uisweep'}", cmd  # the folder that recorded the store
     assert sum(l.startswith("| baseline |") for l in out.splitlines()) == 1, out  # the table, once
-    assert dbs(sweep_elsewhere["cwd"]) == [] and dbs(elsewhere) == [str(elsewhere / "mlflow.db")]
+    assert dbs(sweep_elsewhere["root"]) == [str(elsewhere / "mlflow.db")]  # none in cwd, none from the env
     from mlflow.tracking import MlflowClient
     c = MlflowClient(f"sqlite:///{elsewhere}/mlflow.db")
     exp = c.get_experiment_by_name("uisweep")
@@ -130,7 +139,10 @@ def test_sweep_elsewhere_prints_one_table_and_a_ui_command_for_its_store(sweep_e
     assert parent.info.experiment_id == exp.experiment_id and parent.data.tags["conmim.role"] == "sweep"
     assert "| scratch |" in parent.data.tags["mlflow.note.content"]
     assert "delta_finetune_top1/scratch" in parent.data.metrics
-    assert f"/#/experiments/{exp.experiment_id}/runs?" in trials_link
+    assert f"/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=conmim-trials&" in trials_link
+    view = json.loads(exp.tags["mlflow.sharedViewState.conmim-trials"])  # the saved view the link opens
+    state = json.loads(view["state"])
+    assert state["orderByKey"] == "metrics.`finetune_top1`" and "metrics.`finetune_top1`" in state["selectedColumns"]
 
 
 @pytest.mark.slow
@@ -143,7 +155,28 @@ def test_printed_command_opens_the_store_holding_the_sweep(sweep_elsewhere, ui_s
     runs = ui_server.api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100}).get("runs", [])
     names = {r["info"]["run_name"] for r in runs}
     assert {"uisweep", "baseline_seed0", "scratch_seed0"} <= names, names
-    assert dbs(sweep_elsewhere["cwd"]) == [] and len(dbs(sweep_elsewhere["elsewhere"])) == 1
+    assert dbs(sweep_elsewhere["root"]) == [str(sweep_elsewhere["elsewhere"] / "mlflow.db")]
+
+
+# True when the element is laid out and no ancestor that clips (overflow hidden, e.g. MLflow's folded
+# description) cuts it off vertically: what a person sees without expanding anything.
+UNCLIPPED_JS = """el => { const r = el.getBoundingClientRect(); if (r.height <= 0) return false;
+  for (let a = el.parentElement; a; a = a.parentElement) { const s = getComputedStyle(a);
+    if (s.overflowY === 'hidden' || s.overflow === 'hidden') { const q = a.getBoundingClientRect();
+      if (r.top < q.top - 1 || r.bottom > q.bottom + 1) return false; } }
+  return true; }"""
+
+
+def unclipped(page, locator, timeout_ms: float = 30_000) -> bool:
+    """Waits (with a deadline) until ``locator``'s element is shown unclipped: the page lays a
+    table out in steps, so one early measurement may see it taller than it ends up."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        page.wait_for_function(UNCLIPPED_JS,
+                               arg=locator.element_handle(), timeout=timeout_ms)
+        return True
+    except PlaywrightTimeout:
+        return False
 
 
 def browser():
@@ -155,20 +188,41 @@ def browser():
 
 @pytest.mark.slow
 def test_mlflow_ui_in_chromium_shows_the_trials_and_the_ablation_table(sweep_elsewhere, ui_server, tmp_path):
-    """The printed links in headless Chromium: the sweep's page shows the ablation table (its
-    description) and, under "Show more", each trial with its finetune_top1; the runs link shows
-    the experiment's runs table."""
+    """The printed links in headless Chromium, nothing clicked: the trials link shows each trial as
+    a row of the runs table with its finetune_top1 (not folded under the sweep's row), the sweep's
+    page shows the ablation table (its description); under "Show more" the description also lists
+    the trials and the forest plot."""
     import pyarrow.parquet as pq
     _, links = printed_ui(sweep_elsewhere["output"])
     rows = {r["trial"]: r for r in pq.read_table(sweep_elsewhere["elsewhere"] / "uisweep" / "results.parquet").to_pylist()}
+    exp = ui_server.api("experiments/get-by-name?experiment_name=uisweep")["experiment"]
+    runs = ui_server.api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+    run_ids = {r["info"]["run_name"]: r["info"]["run_id"] for r in runs}
     pw, b = browser()
     try:
         ctx = b.new_context(viewport={"width": 1600, "height": 1100})
         page = ctx.new_page()
+        page.goto(links[1].replace("http://127.0.0.1:5000", ui_server.base))
+        page.get_by_text("matching runs").first.wait_for(timeout=180_000)  # the runs table
+        page.get_by_text("scratch_seed0").first.wait_for(timeout=30_000)  # ... its trials unfolded
+        for name in ("baseline_seed0", "scratch_seed0"):  # the grid's row: pinned name cells + metric cells
+            cells = page.locator(f'[role="row"][row-id="{run_ids[name]}"]')
+            cells.first.wait_for(timeout=60_000)
+            parts = [cells.nth(i) for i in range(cells.count()) if cells.nth(i).inner_text().strip()]
+            assert parts and all(unclipped(page, p) for p in parts), name  # not folded or cut off
+            text = " ".join(p.inner_text() for p in parts)
+            shown = [float(x) for x in re.findall(r"\d+\.\d+", text)]
+            assert name in text and any(abs(x - rows[name]["finetune_top1"]) < 5e-5 for x in shown), (name, text)
+        header = page.locator('[role="columnheader"]').all_inner_texts()
+        assert "finetune_top1" in " ".join(header), header
+        if os.environ.get("CONMIM_SAVE_SCREENSHOT"):
+            page.screenshot(path=str(TRIALS_SCREENSHOT))
         page.goto(links[0].replace("http://127.0.0.1:5000", ui_server.base))
         page.get_by_text("pretrain.enabled=False").first.wait_for(timeout=180_000)  # the ablation table
+        assert unclipped(page, page.get_by_text("pretrain.enabled=False").first), "the table is folded away"
         text = page.inner_text("body")
         assert "Ablation: uisweep" in text and re.search(r"scratch\s+pretrain.enabled=False", text), text[:3000]
+        assert not unclipped(page, page.get_by_text("baseline_seed0").first, 3_000)  # the check sees folding
         page.get_by_text("Show more").first.click()  # MLflow folds a description after a few lines
         for name in ("baseline_seed0", "scratch_seed0"):  # each trial with its finetune_top1
             page.get_by_text(name).first.wait_for(timeout=60_000)
@@ -177,12 +231,41 @@ def test_mlflow_ui_in_chromium_shows_the_trials_and_the_ablation_table(sweep_els
             assert re.search(rf"{name}\s+finished\s+{rows[name]['finetune_top1']:.4f}", text), (name, text[:3000])
         if os.environ.get("CONMIM_SAVE_SCREENSHOT"):
             page.screenshot(path=str(SCREENSHOT), full_page=True)
-        page.goto(links[1].replace("http://127.0.0.1:5000", ui_server.base))
-        page.get_by_text("matching runs").first.wait_for(timeout=180_000)  # the runs table: the sweep's parent
-        assert "uisweep" in page.inner_text("body")
     finally:
         b.close()
         pw.stop()
+
+
+@pytest.mark.slow
+def test_resumed_sweep_republishes_its_page(sweep_elsewhere):
+    """When a resumed sweep finishes, its run page is written again: the description (the table),
+    the forest plot artifact and the Δ metrics, replacing what an earlier, interrupted run left
+    (made stale here by hand). Runs after the browser test: it restarts the sweep's parent run."""
+    from mlflow.tracking import MlflowClient
+    elsewhere = sweep_elsewhere["elsewhere"]
+    c = MlflowClient(f"sqlite:///{elsewhere}/mlflow.db")
+    parent_id = json.loads((elsewhere / "uisweep" / "sweep.json").read_text())["parent_run_id"]
+    before = c.get_run(parent_id).data
+    delta = "delta_finetune_top1/scratch"
+    c.set_tag(parent_id, "mlflow.note.content", "stale: the report of an interrupted run")
+    c.log_metric(parent_id, delta, 99.0, step=0)
+    plot = Path(c.get_run(parent_id).info.artifact_uri.removeprefix("file://")) / "report.png"
+    plot.unlink()  # the sweep's local artifact store: the plot must come back
+    old = os.getcwd()
+    os.chdir(sweep_elsewhere["cwd"])
+    try:
+        res = CliRunner().invoke(main, ["sweep", str(sweep_elsewhere["file"]), "--resume",
+                                        "--set", f"mlflow.tracking_uri=sqlite:///{elsewhere}/mlflow.db",
+                                        "--set", f"storage={elsewhere}"])
+    finally:
+        os.chdir(old)
+    assert res.exit_code == 0, res.output[-3000:]
+    assert not any(l.rstrip().endswith("started") for l in res.output.splitlines()), res.output  # none re-run
+    after = c.get_run(parent_id)
+    assert after.info.status == "FINISHED"
+    assert after.data.tags["mlflow.note.content"] == before.tags["mlflow.note.content"], "description not rewritten"
+    assert after.data.metrics[delta] == before.metrics[delta] != 99.0
+    assert "report.png" in [a.path for a in c.list_artifacts(parent_id)]
 
 
 def test_ui_refuses_a_store_that_does_not_exist(tmp_path, monkeypatch):

@@ -23,3 +23,5 @@ PARENT_RUN_ID = "mlflow.parentRunId"
 NOTE_CONTENT = "mlflow.note.content"        # a run's description in the MLflow UI: the sweep's report
 EXPERIMENT_KIND = "mlflow.experimentKind"   # on the experiment: which MLflow 3 view opens it
 TRAINING_KIND = "custom_model_development"  # ... the model-training view, not the GenAI one
+TRIALS_VIEW_KEY = "conmim-trials"         # the experiment's saved runs-table view: the trials, flat, with metrics
+TRIALS_VIEW = "mlflow.sharedViewState." + TRIALS_VIEW_KEY  # ... the experiment tag MLflow 3 reads it from
