@@ -347,32 +347,35 @@ def report(source, tracking_uri, out, metric):
 
 
 @main.command()
-@click.argument("sweep_file", required=False)
+@click.argument("source", required=False)
+@click.option("--set", "sets", multiple=True,
+              help="With a sweep file: the overrides the sweep was started with (e.g. --set storage=runs "
+                   "--set mlflow.tracking_uri=sqlite:///...), so that the UI opens the store it wrote to.")
 @click.option("--tracking-uri", default=None, help="MLflow store (default: the sweep's, else ./mlflow.db).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you must.")
-@click.option("--port", default=5000, show_default=True)
+@click.option("--port", default=5000, show_default=True, envvar="CONMIM_UI_PORT", help="Also $CONMIM_UI_PORT.")
 @friendly_errors
-def ui(sweep_file, tracking_uri, host, port):
-    """Start the MLflow UI on the sweep's tracking store and print its address."""
-    import subprocess
-    from conmim.config.sweep import default_tracking_uri
+def ui(source, sets, tracking_uri, host, port):
+    """Start the MLflow UI on a sweep's store and print the sweep's pages in it.
+
+    SOURCE is a sweep folder (STORAGE/NAME, e.g. runs/demo: the store its sweep recorded) or a
+    sweep file with the --set overrides the sweep was started with. A store that does not exist,
+    or lacks the sweep's experiment, is refused (exit 2); none is ever created."""
+    import os
+    from conmim.tracking import stores
     from conmim.tracking.client import ui_links
     from conmim.tracking.redact import redact_uri
-    uri, links = tracking_uri, []
-    if sweep_file:
-        from conmim.config.expand import load_sweep
-        sw = load_sweep(sweep_file, check_paths=False)
-        uri = uri or sw.tracking_uri
-        state = sw.dir / "sweep.json"
-        if state.exists():  # the sweep ran: its runs table and parent run, not MLflow's GenAI landing page
-            st = json.loads(state.read_text())
-            links = ui_links(f"http://{host}:{port}", st["experiment_id"], st.get("parent_run_id"))
-    uri = uri or default_tracking_uri()
-    click.echo(f"MLflow UI: http://{host}:{port}  (store: {redact_uri(uri)}); Ctrl-C stops it")
-    for label, url in links:
-        click.echo(f"  {label}: {url}")
-    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    sys.exit(subprocess.call([mlflow_bin, "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]))
+    target = stores.resolve(source, list(sets), tracking_uri)
+    if not stores.port_free(host, port):
+        raise UsageProblem(f"--port {port}: {host}:{port} is in use (another MLflow UI?); pass another --port "
+                           f"or set CONMIM_UI_PORT.")
+    click.echo(f"MLflow UI: http://{host}:{port}  (store: {redact_uri(target.uri)}); Ctrl-C stops it")
+    if target.experiment_id:
+        for label, url in ui_links(f"http://{host}:{port}", target.experiment_id, target.parent_run_id):
+            click.echo(f"  {label}: {url}")
+    sys.stdout.flush()
+    cmd = stores.server_command(target.uri, host, port)
+    os.execv(cmd[0], cmd)  # the server is this process: stopping it stops the UI
 
 
 @main.group()

@@ -83,7 +83,8 @@ class Sweep:
 
     @property
     def tracking_uri(self) -> str:
-        return self.spec.tracking_uri
+        from conmim.tracking.stores import absolute_uri  # Ray workers and `conmim ui` run elsewhere
+        return absolute_uri(self.spec.tracking_uri)
 
     @property
     def experiment(self) -> str:

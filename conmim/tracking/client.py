@@ -213,10 +213,31 @@ def close_open_children(uri: str, exp_id: str, parent_id: str, status: str, reas
 
 
 def ui_links(ui: str, exp_id: str, parent_id: str | None = None) -> list[tuple[str, str]]:
-    """Direct addresses in the MLflow UI at ``ui``: the experiment's runs table (MLflow 3 opens an
-    experiment on its GenAI traces page; a sweep's trials are in the runs table) and the parent run."""
+    """Direct addresses in the MLflow UI at ``ui``: the sweep's run page (its description is the
+    ablation table) and the experiment's runs table opened on the view :func:`trials_view` saved
+    in the experiment (``viewStateShareKey``): each trial a row with its ``finetune_top1``, nothing
+    folded. Both ask for MLflow 3's model-training view (``workflowType=machine_learning``); the
+    experiment's ``mlflow.experimentKind`` tag asks the same of a UI opened without the parameter."""
     base = ui.rstrip("/")
-    links = [("runs of the sweep", f"{base}/#/experiments/{exp_id}/runs")]
+    links = []
     if parent_id:
-        links.append(("the sweep's run ", f"{base}/#/experiments/{exp_id}/runs/{parent_id}"))
+        links.append(("the sweep's run", f"{base}/#/experiments/{exp_id}/runs/{parent_id}?workflowType=machine_learning"))
+    links.append(("trials", f"{base}/#/experiments/{exp_id}/runs?viewStateShareKey={T.TRIALS_VIEW_KEY}"
+                            f"&workflowType=machine_learning"))
     return links
+
+
+def trials_view(metric: str, now_ms: int | None = None) -> str:
+    """The value of the experiment tag ``T.TRIALS_VIEW``: a saved view of MLflow 3's runs table
+    (3.17's format, read in its JS bundle: an envelope ``{name, createdAt, updatedAt, state}``
+    whose ``state`` is the JSON of the URL's search facets and the table's UI state). Sorting by a
+    metric makes the table list child runs flat instead of folded under their parent (it nests
+    them only when unsorted or sorted by date), and ``selectedColumns`` shows the metrics; which
+    rows are expanded cannot be shared (MLflow drops ``runsExpanded`` from a shared view)."""
+    import json
+    cols = [f"metrics.`{m}`" for m in dict.fromkeys([metric, "finetune_top1", "finetune_val_top1",
+                                                      "linear_probe_top1", "knn_top1"])]
+    state = {"orderByKey": f"metrics.`{metric}`", "orderByAsc": False,
+             "selectedColumns": cols + [f"tags.`{T.VARIANT}`", f"tags.`{T.SEED}`", "attributes.`Duration`"]}
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return json.dumps({"name": "conmim: trials", "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)})
