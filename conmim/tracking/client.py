@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from conmim.config.uris import sqlite_file
 from conmim.tracking import tags as T
 from conmim.tracking.redact import redact_params, redact_tags, redact_text, redact_uri, redact_value
 
@@ -134,11 +135,6 @@ def artifact_location(uri: str) -> Optional[str]:
     experiment happened to be created from). Servers and other stores decide for themselves."""
     db = sqlite_file(uri)
     return (db.resolve().parent / "mlruns").as_uri() if db is not None else None
-
-
-def sqlite_file(uri: str) -> Optional[Path]:
-    """The database file of a ``sqlite:///`` tracking URI, else None."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def find_runs(uri: str, exp_id: str, filter_string: str) -> list:

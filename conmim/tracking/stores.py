@@ -14,17 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from conmim.config.errors import ConfigError
-from conmim.tracking.client import sqlite_file
+from conmim.config.uris import absolute_uri, sqlite_file
 from conmim.tracking.redact import redact_uri
-
-
-def absolute_uri(uri: str) -> str:
-    """``uri`` with a relative SQLite path made absolute (against the working directory): the
-    store stays the same one when Ray workers or ``conmim ui`` run from other folders."""
-    db = sqlite_file(uri)
-    if db is None or db.is_absolute() or str(db).startswith(":memory:"):
-        return uri
-    return f"sqlite:///{db.resolve()}"
 
 
 def experiments(uri: str) -> dict[str, str]:
