@@ -479,7 +479,7 @@ def test_collapsed_trial_at_chance_is_flagged_in_the_report(tmp_path):
     for name, variant, std, top1 in [("baseline_seed0", "baseline", 0.9, 0.82),
                                      ("collapse_seed0", "collapse", 0.001, 0.101)]:
         cfg = load_config("tiny", ["pretrain.epochs=1"])
-        pre = {"final_target_std": std, "final_pretrain_loss": 2.7, "history": [{"epoch": 1, "target_std": std}]}
+        pre = {"final_target_std": std, "final_pretrain_loss": 2.7, "history": [{"epoch": 1, "target_std": std, "pretrain_loss": 2.7}]}
         ft = {"finetune_top1": top1, "finetune_val_top1": top1, "finetune_history": [], "finetune_seconds": 1.0}
         carry = {"pre": pre, "probe": {"linear_probe_top1": top1, "knn_top1": top1}, "pretrain_seconds": 1.0,
                  "probe_seconds": 1.0}

@@ -243,6 +243,7 @@ def test_undecodable_image_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Suspicious, not impossible: a warning, printed and kept in result.json
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # (a whole tiny trial in a subprocess: ~30 s)
 def test_suspicious_data_warns_and_the_warning_is_kept_in_result_json(tmp_path):
     """Few images of a class and a 10:1 split: a warning on stderr; the run goes ahead and its
     result.json holds the warnings."""
