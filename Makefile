@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data demo test test-fast bench clean
+.PHONY: install data browser demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,14 +24,21 @@ data:
 	  ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist); \
 	else echo "Fashion-MNIST not found: set CONMIM_FASHION_MNIST or data.root (see README)"; fi
 
+# Chromium for the MLflow UI's browser test (tests/test_mlflow_ui.py), from Debian's package like the data set.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium); \
+	else echo "chromium not found: the browser test (tests/test_mlflow_ui.py) needs /usr/bin/chromium"; fi
+
 # The ablation study's protocol on one seed (the full study, 5 seeds: README, "Sweeps").
 demo: install data
 	rm -rf runs/demo
 	$(BIN)/conmim sweep sweeps/ablations.yaml --set seeds=[0] --set name=demo --set only=[scratch,no_stop_grad] \
 	    --set storage=runs --set mlflow.tracking_uri=sqlite:///$(CURDIR)/runs/mlflow.db
-	$(BIN)/conmim report runs/demo
 
-test: install data
+test: install data browser
 	$(BIN)/python -m pytest -q
 
 # The fast tier (<= 120 s): unit tests of every module, no Ray, no whole trial (tests/conftest.py).

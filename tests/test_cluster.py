@@ -506,7 +506,7 @@ def test_staged_project_ships_code_and_an_outside_sweep_file(tmp_path):
     sweep.write_text("name: outside\nbase: {config: exp.yaml, set: {pretrain.epochs: 1}}\n")
     with jobs.staged_project(str(sweep)) as (work, entry):
         assert entry == ".conmim-job/outside.yaml" and (work / entry).is_file()
-        assert (work / "conmim" / "cli.py").is_file() and (work / "pyproject.toml").is_file()
+        assert (work / "conmim" / "cli" / "__main__.py").is_file() and (work / "pyproject.toml").is_file()
         assert not {".venv", ".git", "runs", "ray_results"} & {p.name for p in work.iterdir()}
         assert not list(work.rglob("*.db")) and not list(work.rglob("__pycache__"))
         from conmim.config.expand import load_sweep

@@ -318,7 +318,9 @@ def _paper_commands(text):
     """Every `conmim sweep sweeps/ablations.yaml ... base=vit-b16-imagenet` command in a Markdown
     file's code blocks, continuation lines joined, indentation dropped."""
     found = []
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
+    for lang, block in re.findall(r"```(\w*)\n(.*?)```", text, re.S):  # (every block, so none is misread as a fence)
+        if lang not in ("", "bash", "sh"):
+            continue
         lines, cmd = [], []
         for ln in block.splitlines():
             ln = ln.strip()
@@ -353,7 +355,7 @@ def test_paper_scale_command_is_one_and_resolves_to_the_costed_trial():
     pre_epochs = int(re.search(r"pre-training, (\d+) epochs", cost).group(1))
     ft_epochs = int(re.search(r"fine-tuning, (\d+) epochs", cost).group(1))
     n_trials, n_pre = map(int, re.search(r"(\d+) distinct trials, (\d+) of them pre-trained", cost).groups())
-    assert len(trials) == n_trials == 25 and sum(t["pretrain"]["enabled"] for t in trials) == n_pre == 20
+    assert len(trials) == n_trials == 30 and sum(t["pretrain"]["enabled"] for t in trials) == n_pre == 25
     p5_vcpus, pod_cpus = 192, int(_docs("RayCluster")[0]["spec"]["workerGroupSpecs"][0]["template"]["spec"]
                                    ["containers"][0]["resources"]["requests"]["cpu"])
     for t in trials:

@@ -420,14 +420,16 @@ def test_redaction_survives_another_thread_changing_the_environment(monkeypatch)
 # Servers bind to 127.0.0.1 unless the user passes a host; Ray's token authentication stays on
 # ---------------------------------------------------------------------------------------------
 def test_ui_binds_loopback_by_default(monkeypatch, tmp_path):
+    from conmim.tracking import client as tracking
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda argv, **kw: calls.append(argv) or 0)
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))  # conmim ui becomes the server
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    res, out = invoke(["ui", "--tracking-uri", uri])
+    tracking.experiment_id(uri, "exists")  # conmim ui opens only an existing store
+    res, out = invoke(["ui", "--tracking-uri", uri, "--port", "0"])
     assert res.exit_code == 0, out
     argv = calls[-1]
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and "0.0.0.0" not in argv
-    res, out = invoke(["ui", "--tracking-uri", uri, "--host", "0.0.0.0"])  # only when asked
+    res, out = invoke(["ui", "--tracking-uri", uri, "--host", "0.0.0.0", "--port", "0"])  # only when asked
     assert calls[-1][calls[-1].index("--host") + 1] == "0.0.0.0"
 
 

@@ -118,7 +118,8 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
     assert re.search(r"^\[#{24}\] 6/6 trials \(3 failed\), 0 running", console_bars(console)[-1]), console
     ray_log = next(l for l in console if l.startswith("Ray's own messages: ")).split(": ", 1)[1].split(";")[0]
     assert ray_log == str(sw.dir / "ray.log") and (sw.dir / "ray.log").exists()
-    assert any(re.search(r"/#/experiments/\d+/runs$", l) for l in console), console
+    assert any(re.search(r"/#/experiments/\d+/runs\?viewStateShareKey=conmim-trials&workflowType=machine_learning$", l) for l in console), console
+    assert f"next: conmim ui {sw.dir}" in console[-3], console  # the folder that recorded the store
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c, runs = mlflow_runs(uri, "e2e")
     parents = [r for r in runs if r.data.tags.get("conmim.role") == "sweep"]

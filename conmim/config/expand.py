@@ -16,6 +16,7 @@ from conmim.config.experiment import ExperimentConfig
 from conmim.config.identity import canonical_hash
 from conmim.config.loading import build, format_validation_error, load_source, parse_override, read_yaml, set_dotted
 from conmim.config.sweep import SweepConfig, Variant
+from conmim.config.uris import absolute_uri
 
 
 def check_storage(d: Path, min_free_gb: float) -> None:
@@ -83,7 +84,7 @@ class Sweep:
 
     @property
     def tracking_uri(self) -> str:
-        return self.spec.tracking_uri
+        return absolute_uri(self.spec.tracking_uri)  # Ray workers and `conmim ui` run elsewhere
 
     @property
     def experiment(self) -> str:

@@ -7,6 +7,7 @@ seed: trials with the same seed share initialisation and data order, so the diff
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -55,4 +56,44 @@ def make_report(source: str | Path, tracking_uri: Optional[str] = None, out_dir:
         c = mlflow_runs.client(state["tracking_uri"])
         mlflow_runs.retry(c.log_artifact, state["parent_run_id"], str(out_dir / f"{stem}.md"))
         mlflow_runs.retry(c.log_artifact, state["parent_run_id"], str(png))
+        if not secondary:
+            publish_on_parent(state["tracking_uri"], state["parent_run_id"], md, png.name, summary, rows)
     return {"markdown": md, "summary": summary, "png": png, "report": out_dir / f"{stem}.md"}
+
+
+def delta_metric_name(metric: str, variant: str) -> str:
+    """The parent run's metric holding ``variant``'s Δ (MLflow allows letters, digits and ``_-. :/``
+    in names; a grid label's ``=`` or ``+`` becomes ``_``)."""
+    return f"delta_{metric}/" + re.sub(r"[^\w.\- :]", "_", variant)
+
+
+def publish_on_parent(uri: str, parent_id: str, md: str, png_name: str, summary: list[dict],
+                      rows: list[dict] | None = None) -> None:
+    """The answer on the sweep's page in the MLflow UI: the ablation table first (MLflow folds a
+    long description after a few lines behind "Show more"), then each trial with its
+    ``finetune_top1`` (a child run is otherwise folded under the parent in the runs table), the
+    forest plot (an artifact of the run, shown inline), and the report's explanation last; each
+    variant's Δ vs the reference is a metric of the parent, in the metric's own unit (a fraction,
+    like ``finetune_top1``). A resumed sweep that finishes replaces the description and gives the
+    metrics new values."""
+    from conmim.tracking import client as mlflow_runs
+    from conmim.tracking import tags as T
+    from conmim.report.table import metric_scale
+    lines = md.splitlines()
+    title = lines[0]
+    table = [l for l in lines if l.startswith("|") or l.startswith("**⚠")]
+    prose = [l for l in lines[1:] if l and l not in table]
+    trials = ["| trial | status | finetune_top1 |", "|---|---|---|"] + [
+        f"| {r['trial']} | {r['status']} | {_top1(r.get('finetune_top1'))} |" for r in rows or []]
+    plot = f"get-artifact?path={png_name}&run_uuid={parent_id}"  # relative: the UI's own server serves it
+    note = "\n".join([title, "", *table, "", "Trials:", "", *trials, "",
+                      f"![forest plot: Δ vs the reference, 95 % CI]({plot})", "", *prose]) + "\n"
+    c = mlflow_runs.client(uri)
+    mlflow_runs.retry(c.set_tag, parent_id, T.NOTE_CONTENT, note[:7990])  # MLflow's limit for a tag: 8000
+    deltas = {delta_metric_name(s["metric"], s["variant"]): s["delta"] / metric_scale(s["metric"])[0]
+              for s in summary if not s["is_reference"]}
+    mlflow_runs.log_metrics(uri, parent_id, deltas)
+
+
+def _top1(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) and v == v else "–"

@@ -37,15 +37,42 @@ def send_ray_logs_to(path: Path) -> Path:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.propagate = False
+    _raylet_messages_to_log()
     return path
 
 
-def mlflow_links(uri: str, exp_id: str, parent_id: str, sweep_file: Path) -> list[str]:
-    """Where to look in MLflow once the sweep ends."""
+def _raylet_messages_to_log() -> None:
+    """The raylet's and GCS's messages to the driver (e.g. the WARNING that N worker processes
+    were started, 'x the maximum expected startup concurrency', which fractional-CPU trials set
+    off) are printed by a thread of ``ray.init`` straight to stdout, as ``(raylet) ...``, not
+    through logging, and ``log_to_driver=False`` does not stop them. Ray has no switch for it: its
+    printer, looked up by name at each message, is wrapped so that these lines go to the "ray"
+    logger (ray.log); worker output keeps its own path."""
+    import ray._private.worker as ray_worker
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "conmim_wrapped", False):
+        return
+
+    def to_log(data, *a, **kw):
+        if data.get("pid") == "raylet":
+            for line in data.get("lines", []):
+                logging.getLogger("ray").warning("(raylet) %s", line)
+            return
+        return printer(data, *a, **kw)
+
+    to_log.conmim_wrapped = True
+    ray_worker.print_to_stdstream = to_log
+
+
+def mlflow_links(uri: str, exp_id: str, parent_id: str, sweep_dir: Path) -> list[str]:
+    """Where to look in MLflow once the sweep ends. A server's pages are opened directly; a SQLite
+    store through ``conmim ui SWEEP_DIR``, which opens the store recorded in the sweep's folder
+    (whatever --set, the file or the default chose), so the links' ids exist there."""
     from conmim.tracking.client import ui_links
+    from conmim.tracking.stores import ui_command
     if uri.startswith(("http://", "https://")):
         return ["MLflow:"] + [f"  {label}: {url}" for label, url in ui_links(uri, exp_id, parent_id)]
-    return [f"MLflow: start its UI with  conmim ui {sweep_file}  then open:"] + \
+    return [f"next: {ui_command(sweep_dir)}   (the MLflow UI on this sweep's store, then open:)"] + \
         [f"  {label}: {url}" for label, url in ui_links("http://127.0.0.1:5000", exp_id, parent_id)]
 
 

@@ -138,6 +138,11 @@ def _start_runs(sweep: Sweep) -> dict:
     p = d / "sweep.json"
     state = json.loads(p.read_text()) if p.exists() else {}
     exp_id = mlflow_runs.experiment_id(uri, sweep.experiment)
+    # MLflow 3 opens an experiment without this tag in its GenAI view (traces, judges, prompts)
+    mlflow_runs.retry(mlflow_runs.client(uri).set_experiment_tag, exp_id, T.EXPERIMENT_KIND, T.TRAINING_KIND)
+    # ... and the printed trials link opens this saved view of its runs table: trials flat, with their metrics
+    mlflow_runs.retry(mlflow_runs.client(uri).set_experiment_tag, exp_id, T.TRIALS_VIEW,
+                      mlflow_runs.trials_view(spec.report.metric))
     parent_id = mlflow_runs.parent_run(uri, exp_id, spec.name, state.get("parent_run_id"))
     c = mlflow_runs.client(uri)
     mlflow_runs.retry(c.set_tag, parent_id, T.REPORT_METRIC, spec.report.metric)
@@ -187,7 +192,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, report: bool = True, echo=prin
         mlflow_runs.end_run(uri, parent_id, "KILLED", reason)
 
     stop = SignalStop(d, on_stop=end_runs)
-    links = mlflow_links(uri, exp_id, parent_id, sweep.path)
+    links = mlflow_links(uri, exp_id, parent_id, d)
     console = SweepConsole(sweep, echo)
     status = "FINISHED"
     try:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from conmim.config.uris import sqlite_file
 from conmim.tracking import tags as T
 from conmim.tracking.redact import redact_params, redact_tags, redact_text, redact_uri, redact_value
 
@@ -89,12 +90,30 @@ def log_config(uri: str, run_id: str, config: dict, path: Path) -> None:
 
 
 def git_commit() -> Optional[str]:
+    """The commit of the code that runs: the checkout the package is imported from, or, for a
+    non-editable install (``pip install .`` or from a git URL), the commit pip recorded or the
+    checkout it installed from (its ``direct_url.json``)."""
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    def head(root) -> Optional[str]:
+        try:
+            return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() or None
+        except Exception:  # noqa: BLE001
+            return None
+
+    if commit := head(Path(__file__).resolve().parents[1]):
+        return commit
     try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                               timeout=5).stdout.strip() or None
-    except Exception:  # noqa: BLE001
+        url = json.loads(metadata.distribution("conmim").read_text("direct_url.json") or "{}")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
         return None
+    if commit := url.get("vcs_info", {}).get("commit_id"):
+        return commit
+    src = urlparse(url.get("url", ""))
+    return head(unquote(src.path)) if src.scheme == "file" else None
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -116,11 +135,6 @@ def artifact_location(uri: str) -> Optional[str]:
     experiment happened to be created from). Servers and other stores decide for themselves."""
     db = sqlite_file(uri)
     return (db.resolve().parent / "mlruns").as_uri() if db is not None else None
-
-
-def sqlite_file(uri: str) -> Optional[Path]:
-    """The database file of a ``sqlite:///`` tracking URI, else None."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def find_runs(uri: str, exp_id: str, filter_string: str) -> list:
@@ -195,10 +209,31 @@ def close_open_children(uri: str, exp_id: str, parent_id: str, status: str, reas
 
 
 def ui_links(ui: str, exp_id: str, parent_id: str | None = None) -> list[tuple[str, str]]:
-    """Direct addresses in the MLflow UI at ``ui``: the experiment's runs table (MLflow 3 opens an
-    experiment on its GenAI traces page; a sweep's trials are in the runs table) and the parent run."""
+    """Direct addresses in the MLflow UI at ``ui``: the sweep's run page (its description is the
+    ablation table) and the experiment's runs table opened on the view :func:`trials_view` saved
+    in the experiment (``viewStateShareKey``): each trial a row with its ``finetune_top1``, nothing
+    folded. Both ask for MLflow 3's model-training view (``workflowType=machine_learning``); the
+    experiment's ``mlflow.experimentKind`` tag asks the same of a UI opened without the parameter."""
     base = ui.rstrip("/")
-    links = [("runs of the sweep", f"{base}/#/experiments/{exp_id}/runs")]
+    links = []
     if parent_id:
-        links.append(("the sweep's run ", f"{base}/#/experiments/{exp_id}/runs/{parent_id}"))
+        links.append(("the sweep's run", f"{base}/#/experiments/{exp_id}/runs/{parent_id}?workflowType=machine_learning"))
+    links.append(("trials", f"{base}/#/experiments/{exp_id}/runs?viewStateShareKey={T.TRIALS_VIEW_KEY}"
+                            f"&workflowType=machine_learning"))
     return links
+
+
+def trials_view(metric: str, now_ms: int | None = None) -> str:
+    """The value of the experiment tag ``T.TRIALS_VIEW``: a saved view of MLflow 3's runs table
+    (3.17's format, read in its JS bundle: an envelope ``{name, createdAt, updatedAt, state}``
+    whose ``state`` is the JSON of the URL's search facets and the table's UI state). Sorting by a
+    metric makes the table list child runs flat instead of folded under their parent (it nests
+    them only when unsorted or sorted by date), and ``selectedColumns`` shows the metrics; which
+    rows are expanded cannot be shared (MLflow drops ``runsExpanded`` from a shared view)."""
+    import json
+    cols = [f"metrics.`{m}`" for m in dict.fromkeys([metric, "finetune_top1", "finetune_val_top1",
+                                                      "linear_probe_top1", "knn_top1"])]
+    state = {"orderByKey": f"metrics.`{metric}`", "orderByAsc": False,
+             "selectedColumns": cols + [f"tags.`{T.VARIANT}`", f"tags.`{T.SEED}`", "attributes.`Duration`"]}
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return json.dumps({"name": "conmim: trials", "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)})
