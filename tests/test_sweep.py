@@ -91,24 +91,31 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
         {"name": "momentum_no_stop_grad", "set": {"objective.stop_grad": False}},  # alias of baseline
         {"name": "scratch", "set": {"pretrain.enabled": False}},
         {"name": "diverges", "set": {"debug.nan_at_step": 1}},
+        # a worker dies (os._exit) with no restart left: FAILED as worker_died, with Ray's error
+        {"name": "dies", "set": {"debug.crash_at_step": 1, "resources.max_failures": 0}},
+        # an exception in the training code, not a NaN: its train.log cannot be opened (a folder in
+        # its place), so the worker raises IsADirectoryError at its first log line
+        {"name": "raises", "set": {"resources.max_failures": 0, "objective.temperature": 0.3}},
     ], resources={"max_concurrent_trials": 2})  # two at a time: Train start-up of one overlaps the other's compute
     sw = load_sweep(str(path))
-    assert len(sw.distinct) == 4 and len(sw.aliases) == 1
+    assert len(sw.distinct) == 6 and len(sw.aliases) == 1
+    (sw.dir / "trials" / "raises_seed0" / "train.log").mkdir(parents=True)
     console: list[str] = []
     counts = run_sweep(sw, echo=console.append)
-    assert counts == {"finished": 3, "failed": 1, "alias (finished)": 1}, counts
+    assert counts == {"finished": 3, "failed": 3, "alias (finished)": 1}, counts
+    failing = ("diverges", "dies", "raises")
     # the console: one line per trial event, each said once; a progress bar; where things are
     for t in sw.distinct:
         label = f"{t.variant} seed {t.seed}"
         mine = [l for l in console if f"  {label} " in l]
         assert sum(l.rstrip().endswith("started") for l in mine) == 1, mine
         ends = [l for l in mine if "  done " in l or "FAILED" in l]
-        assert len(ends) == 1 and ("FAILED" in ends[0]) == (t.variant == "diverges"), mine
-        if t.variant not in ("scratch", "diverges"):
+        assert len(ends) == 1 and ("FAILED" in ends[0]) == (t.variant in failing), mine
+        if t.variant not in ("scratch", *failing):
             assert sum("pretrain  epoch 1/1  loss" in l for l in mine) == 1, mine
-        if t.variant != "diverges":
+        if t.variant not in failing:
             assert sum("finetune  epoch 1/1  loss" in l for l in mine) == 1, mine
-    assert re.search(r"^\[#{24}\] 4/4 trials \(1 failed\), 0 running", console_bars(console)[-1]), console
+    assert re.search(r"^\[#{24}\] 6/6 trials \(3 failed\), 0 running", console_bars(console)[-1]), console
     ray_log = next(l for l in console if l.startswith("Ray's own messages: ")).split(": ", 1)[1].split(";")[0]
     assert ray_log == str(sw.dir / "ray.log") and (sw.dir / "ray.log").exists()
     assert any(re.search(r"/#/experiments/\d+/runs\?viewStateShareKey=conmim-trials&workflowType=machine_learning$", l) for l in console), console
@@ -131,9 +138,20 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
         assert tags["ray.trial_id"], tags
         if checkout:
             assert tags["conmim.git_commit"] == head, tags
-        assert r.data.params["objective.temperature"] == "0.1"
+        assert r.data.params["objective.temperature"] == ("0.3" if r.info.run_name == "raises_seed0" else "0.1")
         if r.info.run_name == "diverges_seed0":
             assert r.info.status == "FAILED" and "nan" in r.data.tags["conmim.failure_reason"].lower()
+            continue
+        failed = sw.dir / "trials" / r.info.run_name / "failed.json"
+        if r.info.run_name == "dies_seed0":  # out of resources.max_failures: worker_died, Ray's own error
+            assert r.info.status == "FAILED" and json.loads(failed.read_text())["kind"] == "worker_died"
+            assert r.data.tags["conmim.failure_reason"] == json.loads(failed.read_text())["reason"] != ""
+            assert "died at step 1" in (sw.dir / "trials" / "dies_seed0" / ".crash_injected").read_text()
+            continue
+        if r.info.run_name == "raises_seed0":  # the exception's type and message, as the worker recorded it
+            reason = r.data.tags["conmim.failure_reason"]
+            assert r.info.status == "FAILED" and reason.startswith("IsADirectoryError: ") and "train.log" in reason
+            assert json.loads(failed.read_text())["kind"] == "error"
             continue
         assert r.info.status == "FINISHED" and 0 < r.data.metrics["finetune_top1"] <= 1
         assert (sw.dir / "trials" / r.info.run_name / "train.log").stat().st_size > 0  # its own log
@@ -144,20 +162,23 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
     base = next(r for r in children if r.info.run_name == "baseline_seed0")
     assert base.data.tags["conmim.aliases"] == "momentum_no_stop_grad_seed0"
     table = pq.read_table(sw.dir / "results.parquet").to_pylist()
-    assert len(table) == 5
+    assert len(table) == 7
     by_name = {row["trial"]: row for row in table}
     for r in children:
         if r.info.status == "FINISHED":
             assert by_name[r.info.run_name]["finetune_top1"] == pytest.approx(r.data.metrics["finetune_top1"])
     assert by_name["momentum_no_stop_grad_seed0"]["alias_of"] == "baseline_seed0"
     assert "nan" in by_name["diverges_seed0"]["reason"].lower()
+    assert by_name["raises_seed0"]["reason"].startswith("IsADirectoryError: ") and by_name["dies_seed0"]["reason"]
     # the report: printed table, PNG, numbers from the runs, logged on the parent run
     res = CliRunner().invoke(main, ["report", str(sw.dir)])
     assert res.exit_code == 0, res.output
     assert (sw.dir / "report.png").stat().st_size > 1000
     line = next(l for l in res.output.splitlines() if l.startswith("| scratch |"))
     assert f"{100 * by_name['scratch_seed0']['finetune_top1']:.2f}" in line
-    assert "same experiment as baseline" in res.output and "1 failed" in res.output
+    assert "same experiment as baseline" in res.output
+    for v in failing:  # each failed arm's row says so
+        assert "1 failed" in next(l for l in res.output.splitlines() if l.startswith(f"| {v} |")), res.output
     assert {"report.md", "report.png"} <= {a.path for a in c.list_artifacts(parents[0].info.run_id)}
     # ...and the same report straight from MLflow
     res2 = CliRunner().invoke(main, ["report", "e2e", "--tracking-uri", uri, "--out", str(tmp_path / "rep")])

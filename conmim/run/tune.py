@@ -104,6 +104,16 @@ def _scheduler(sweep: Sweep):
                          max_t=max(max_t, a.grace_period + 1), time_attr="training_iteration")
 
 
+def _run_config(sweep: Sweep, tune_dir: Path, callbacks: list):
+    """Tune's run settings. ``max_failures``: Tune retries a trial whose function raised (an error
+    outside its Ray Train run, e.g. its storage or MLflow) or whose process died; a failure the
+    Train run reports (a worker death beyond ``resources.max_failures``, an exception in training,
+    a NaN) ends the trial FAILED and is not retried."""
+    from ray import tune
+    return tune.RunConfig(name="sweep", storage_path=str(tune_dir), verbose=0,
+                          failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures), callbacks=callbacks)
+
+
 def _results_writer(sweep_dir: Path):
     from ray.tune import Callback
 
@@ -206,9 +216,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, report: bool = True, echo=prin
                                             max_concurrent_trials=sweep.spec.resources.max_concurrent_trials,
                                             trial_name_creator=lambda t: f"trial_{t.trial_id}",
                                             trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-                run_config=tune.RunConfig(name="sweep", storage_path=str(tune_dir), verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures),
-                                          callbacks=callbacks),
+                run_config=_run_config(sweep, tune_dir, callbacks),
             )
         grid = tuner.fit()
         if grid.num_errors:

@@ -52,6 +52,13 @@ def _tags(rec: dict, info: dict, ray_trial_id: str) -> dict:
             **({T.STAGE: info["stage"]} if info.get("stage") else {})}
 
 
+def warning_tag(res: TrialResult) -> str:
+    """The ``conmim.warning`` tag of a finished trial's run: the data's warnings, then its flags in
+    words (collapsed, at chance, diverged, ...); empty when its flags raise none."""
+    flagged = trial_warnings(res.flags)
+    return "; ".join(res.warnings + flagged)[:5000] if flagged else ""
+
+
 def run_one_trial(params: dict, info: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -104,7 +111,7 @@ def run_one_trial(params: dict, info: dict) -> None:
     c = mlflow_runs.client(uri)
     if res.node_id:
         mlflow_runs.retry(c.set_tag, run_id, T.NODE_ID, res.node_id)
-    if warnings := trial_warnings(res.flags):  # (after the data's warnings, if any)
-        mlflow_runs.retry(c.set_tag, run_id, T.WARNING, "; ".join(res.warnings + warnings)[:5000])
+    if tag := warning_tag(res):
+        mlflow_runs.retry(c.set_tag, run_id, T.WARNING, tag)
     mlflow_runs.end_run(uri, run_id, "FINISHED")
     tune.report({**final, "status": "finished"})
