@@ -326,3 +326,24 @@ def test_raylet_messages_go_to_the_sweeps_ray_log(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "maximum expected startup concurrency" not in out and "hello from a worker" in out, out
     assert f"(raylet) {msg}" in log.read_text()
+
+
+def test_the_sweeps_page_shows_the_table_before_the_reports_flags(tmp_path):
+    """MLflow folds a description after a few lines: the table comes right after the title, and a
+    report's ⚠ lines (a shortcut, a divergence) follow it instead of pushing it under the fold (the
+    demo's no_stop_grad arm did)."""
+    from conmim.report import publish_on_parent
+    from conmim.tracking import client as mlflow_runs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = mlflow_runs.client(uri)
+    run_id = c.create_run(c.create_experiment("page")).info.run_id
+    md = "\n".join(["# Ablation: page", "", "Primary metric ...", "",
+                    "**⚠ 1 of 3 finished trials solved the pre-training task by position** (no_stop_grad): ...", "",
+                    "| variant | what changed | finetune_top1 |", "|---|---|---|",
+                    "| baseline | the base configuration | 76.30 |", "| no_stop_grad | no stop-gradient | 71.23 |"])
+    publish_on_parent(uri, run_id, md, "report.png", [], rows=[{"trial": "baseline_seed0", "status": "finished",
+                                                                 "finetune_top1": 0.763}])
+    note = c.get_run(run_id).data.tags["mlflow.note.content"].splitlines()
+    assert note[0] == "# Ablation: page" and note[2].startswith("| variant") and note[5].startswith("| no_stop_grad")
+    assert note.index(next(l for l in note if l.startswith("**⚠"))) > 5
+    assert "| baseline_seed0 | finished | 0.7630 |" in note and note[-1] == "Primary metric ..."

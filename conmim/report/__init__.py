@@ -70,7 +70,7 @@ def delta_metric_name(metric: str, variant: str) -> str:
 def publish_on_parent(uri: str, parent_id: str, md: str, png_name: str, summary: list[dict],
                       rows: list[dict] | None = None) -> None:
     """The answer on the sweep's page in the MLflow UI: the ablation table first (MLflow folds a
-    long description after a few lines behind "Show more"), then each trial with its
+    long description after a few lines behind "Show more"), then the report's flags (⚠), each trial with its
     ``finetune_top1`` (a child run is otherwise folded under the parent in the runs table), the
     forest plot (an artifact of the run, shown inline), and the report's explanation last; each
     variant's Δ vs the reference is a metric of the parent, in the metric's own unit (a fraction,
@@ -81,12 +81,13 @@ def publish_on_parent(uri: str, parent_id: str, md: str, png_name: str, summary:
     from conmim.report.table import metric_scale
     lines = md.splitlines()
     title = lines[0]
-    table = [l for l in lines if l.startswith("|") or l.startswith("**⚠")]
-    prose = [l for l in lines[1:] if l and l not in table]
+    table = [l for l in lines if l.startswith("|")]
+    flags = [l for l in lines if l.startswith("**⚠")]  # after the table: before it, they pushed it under the fold
+    prose = [l for l in lines[1:] if l and l not in table and l not in flags]
     trials = ["| trial | status | finetune_top1 |", "|---|---|---|"] + [
         f"| {r['trial']} | {r['status']} | {_top1(r.get('finetune_top1'))} |" for r in rows or []]
     plot = f"get-artifact?path={png_name}&run_uuid={parent_id}"  # relative: the UI's own server serves it
-    note = "\n".join([title, "", *table, "", "Trials:", "", *trials, "",
+    note = "\n".join([title, "", *table, "", *sum(([f, ""] for f in flags), []), "Trials:", "", *trials, "",
                       f"![forest plot: Δ vs the reference, 95 % CI]({plot})", "", *prose]) + "\n"
     c = mlflow_runs.client(uri)
     mlflow_runs.retry(c.set_tag, parent_id, T.NOTE_CONTENT, note[:7990])  # MLflow's limit for a tag: 8000
