@@ -69,10 +69,10 @@ def delta_metric_name(metric: str, variant: str) -> str:
 
 def publish_on_parent(uri: str, parent_id: str, md: str, png_name: str, summary: list[dict],
                       rows: list[dict] | None = None) -> None:
-    """The answer on the sweep's page in the MLflow UI: the ablation table first (MLflow folds a
-    long description after a few lines behind "Show more"), then the report's flags (⚠), each trial with its
+    """The answer on the sweep's page in the MLflow UI: the ablation table first, cut to its answer
+    (MLflow folds a description after 150 px behind "Show more"), then the report's flags (⚠), each trial with its
     ``finetune_top1`` (a child run is otherwise folded under the parent in the runs table), the
-    forest plot (an artifact of the run, shown inline), and the report's explanation last; each
+    forest plot (an artifact of the run, shown inline), the whole table and the report's explanation last; each
     variant's Δ vs the reference is a metric of the parent, in the metric's own unit (a fraction,
     like ``finetune_top1``). A resumed sweep that finishes replaces the description and gives the
     metrics new values."""
@@ -87,13 +87,24 @@ def publish_on_parent(uri: str, parent_id: str, md: str, png_name: str, summary:
     trials = ["| trial | status | finetune_top1 |", "|---|---|---|"] + [
         f"| {r['trial']} | {r['status']} | {_top1(r.get('finetune_top1'))} |" for r in rows or []]
     plot = f"get-artifact?path={png_name}&run_uuid={parent_id}"  # relative: the UI's own server serves it
-    note = "\n".join([title, "", *table, "", *sum(([f, ""] for f in flags), []), "Trials:", "", *trials, "",
-                      f"![forest plot: Δ vs the reference, 95 % CI]({plot})", "", *prose]) + "\n"
+    note = "\n".join([f"**{title.lstrip('# ')}**", "", *compact_table(table), "", *sum(([f, ""] for f in flags), []),
+                      "Trials:", "", *trials, "", f"![forest plot: Δ vs the reference, 95 % CI]({plot})", "",
+                      "The whole table:", "", *table, "", *prose]) + "\n"
     c = mlflow_runs.client(uri)
     mlflow_runs.retry(c.set_tag, parent_id, T.NOTE_CONTENT, note[:7990])  # MLflow's limit for a tag: 8000
     deltas = {delta_metric_name(s["metric"], s["variant"]): s["delta"] / metric_scale(s["metric"])[0]
               for s in summary if not s["is_reference"]}
     mlflow_runs.log_metrics(uri, parent_id, deltas)
+
+
+COMPACT_COLUMNS = 4  # variant, the metric, Δ [95 % CI], p: one line a row
+
+
+def compact_table(table: list[str]) -> list[str]:
+    """The report's table cut to the columns that answer the question (variant, the metric, Δ and
+    its CI, p), one short line a row: MLflow shows only the first 150 px of a description unfolded."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table]
+    return ["| " + " | ".join(r[:1] + r[2:2 + COMPACT_COLUMNS - 1]) + " |" for r in rows]
 
 
 def _top1(v) -> str:
