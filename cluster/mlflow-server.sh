@@ -54,7 +54,11 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MLFLOW_BIN="${MLFLOW_BIN:-}"
 if [[ -z "$MLFLOW_BIN" ]]; then
-  if [[ -x "$HERE/../.venv/bin/mlflow" ]]; then MLFLOW_BIN="$HERE/../.venv/bin/mlflow"; else MLFLOW_BIN="$(command -v mlflow)"; fi
+  if [[ -x "$HERE/../.venv/bin/mlflow" ]]; then MLFLOW_BIN="$HERE/../.venv/bin/mlflow"; else MLFLOW_BIN="$(command -v mlflow || true)"; fi
+fi
+if [[ -z "$MLFLOW_BIN" ]]; then
+  echo "mlflow-server.sh: no mlflow found (not in $HERE/../.venv/bin, not on PATH); set MLFLOW_BIN=/path/to/mlflow" >&2
+  exit 2
 fi
 
 HOST="${MLFLOW_HOST:-127.0.0.1}"

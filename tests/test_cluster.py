@@ -615,7 +615,8 @@ def mlflow_server(tmp_path_factory):
     state = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     log = open(state / "server.log", "w")
-    env = {**os.environ, "MLFLOW_PORT": str(port), "CONMIM_MLFLOW_DIR": str(state)}
+    env = {**os.environ, "MLFLOW_PORT": str(port), "CONMIM_MLFLOW_DIR": str(state),
+           "MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow")}  # this venv's (CI's is not ./.venv)
     p = subprocess.Popen([str(CLUSTER / "mlflow-server.sh")], env=env, stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -631,7 +632,8 @@ def mlflow_server(tmp_path_factory):
                 time.sleep(0.5)
         yield uri
     finally:
-        os.killpg(p.pid, signal.SIGTERM)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
         p.wait(timeout=30)
 
 

@@ -42,9 +42,7 @@ REGISTER_WAIT_S = 120
 
 
 def _latest_checkpoint_registered() -> bool:
-    """The newest checkpoint folder in the Train run's (local) storage is the one the controller's
-    checkpoint manager snapshot names; true where there is nothing to wait for (no Ray Train, no
-    checkpoint yet, storage that is not a local folder)."""
+    """True where there is nothing to wait for (no Ray Train, storage that is not a local folder)."""
     try:
         from ray.train.v2._internal.execution.context import get_train_context
         storage = get_train_context().get_storage()
@@ -52,9 +50,14 @@ def _latest_checkpoint_registered() -> bool:
         snapshot = Path(storage.checkpoint_manager_snapshot_path)
     except Exception:  # noqa: BLE001 - not inside a Ray Train worker
         return True
-    if not run.is_dir():
-        return True
-    names = sorted(p.name for p in run.glob("checkpoint_*"))  # named by time stamp: the last is the newest
+    return not run.is_dir() or checkpoint_registered(run, snapshot)
+
+
+def checkpoint_registered(run: Path, snapshot: Path) -> bool:
+    """The newest checkpoint folder of a Train run's storage is named in the controller's checkpoint
+    manager snapshot (it writes the snapshot when it registers a checkpoint; ~2 s after a report)."""
+    # named by time stamp: the last is the newest (folders only: the snapshot file is checkpoint_manager_...)
+    names = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
     try:
         return not names or names[-1] in snapshot.read_text()
     except OSError:
