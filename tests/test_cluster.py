@@ -519,6 +519,20 @@ def test_staged_project_ships_code_and_an_outside_sweep_file(tmp_path):
                                 "storage=/mnt/a b", "--resume"]
 
 
+def test_an_installed_package_ships_every_module(tmp_path, monkeypatch):
+    """Installed without a checkout (CI's fresh venv; `conmim sweep --address` from a console
+    script), the package itself is shipped: the checkout's top-level exclusions (``data/``) must not
+    drop its own ``conmim/data`` (a job once died on 'No module named conmim.data')."""
+    from conmim.run import jobs
+    monkeypatch.setattr(jobs, "project_root", lambda: REPO / "conmim")
+    (tmp_path / "s.yaml").write_text("name: s\nbase: tiny\n")
+    with jobs.staged_project(str(tmp_path / "s.yaml")) as (work, entry):
+        shipped = {p.relative_to(work).as_posix() for p in work.rglob("*.py")}
+        expected = {f"conmim/{p.relative_to(REPO / 'conmim').as_posix()}" for p in (REPO / "conmim").rglob("*.py")}
+        assert expected <= shipped, sorted(expected - shipped)
+        assert "conmim/data/preflight.py" in shipped and entry == ".conmim-job/s.yaml"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_stop_the_sweep_driver_alike(tmp_path, sig):
     from conmim.run.stop import SignalStop, SweepStopped

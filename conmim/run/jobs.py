@@ -142,10 +142,12 @@ def project_root() -> Path:
     return pkg.parent if (pkg.parent / "pyproject.toml").exists() else pkg
 
 
-def _ignore(root: Path):
+def _ignore(root: Optional[Path]):
+    """``root``: the checkout whose top-level folders ROOT_EXCLUDES names; None for an installed
+    package, whose own folders (``conmim/data``) are code, never data to leave behind."""
     def ignore(folder: str, names: list[str]) -> set[str]:
         out = {n for n in names if any(fnmatch.fnmatch(n, p) for p in ANYWHERE_EXCLUDES)}
-        if Path(folder).resolve() == root:
+        if root is not None and Path(folder).resolve() == root:
             out |= {n for n in names if n in ROOT_EXCLUDES}
         return out
     return ignore
@@ -165,7 +167,7 @@ def staged_project(sweep_file: str):
         if checkout:
             shutil.copytree(root, work, ignore=_ignore(root), symlinks=False)
         else:  # an installed package only: ship the package
-            shutil.copytree(root, work / "conmim", ignore=_ignore(root))
+            shutil.copytree(root, work / "conmim", ignore=_ignore(None))
         src = Path(sweep_file).resolve()
         try:
             if not checkout:
