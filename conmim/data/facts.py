@@ -4,7 +4,6 @@ count, and one decoded image per split or shard, never the images themselves. A 
 (:data:`READERS`); a reader may raise :class:`~conmim.config.data_paths.DataMissing`."""
 from __future__ import annotations
 
-import gzip
 import io
 import json
 from collections import Counter
@@ -17,7 +16,7 @@ import numpy as np
 
 from conmim.config.data_paths import FASHION_MNIST_FILES, DataMissing, fashion_mnist_root, idx_path
 from conmim.config.experiment import DataConfig
-from conmim.data.listing import IMAGE_EXTS, imagefolder_classes, imagefolder_files, split_plan
+from conmim.data.listing import IMAGE_EXTS, imagefolder_classes, imagefolder_files, read_idx, split_plan
 
 SPLITS = ("train", "val", "test")
 SMALL_PARQUET_AREA = 64 * 64  # Parquet images this small are decoded into one array (sources._parquet): one size
@@ -54,13 +53,6 @@ class DataFacts:
 # ---------------------------------------------------------------------------------------------
 # Reading the facts (cheap: labels, listings, one decoded image per split or shard)
 # ---------------------------------------------------------------------------------------------
-def _idx(path: Path, header_only: bool = False) -> tuple[tuple, Optional[np.ndarray]]:
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-        head = f.read(4)
-        shape = tuple(int.from_bytes(f.read(4), "big") for _ in range(head[3]))
-        return shape, None if header_only else np.frombuffer(f.read(), dtype=np.uint8).astype(np.int64)
-
-
 def _sample(item, where: str) -> tuple[tuple, Optional[str]]:
     """(width, height, mode) of an image file or encoded bytes, decoded as the loaders do; or a
     problem when it cannot be."""
@@ -82,8 +74,8 @@ def _fashion_mnist(dcfg) -> tuple:
     root = fashion_mnist_root(dcfg)
     labels, sample = {}, {}
     for split, (img, lab) in FASHION_MNIST_FILES.items():
-        labels[split] = _idx(idx_path(root, lab))[1]
-        shape, _ = _idx(idx_path(root, img), header_only=True)
+        labels[split] = read_idx(idx_path(root, lab))[1].astype(np.int64)
+        shape, _ = read_idx(idx_path(root, img), header_only=True)
         sample[split] = (shape[2], shape[1], "L")
     return labels, 10, sample, [], None
 

@@ -5,6 +5,7 @@ and ``data.eval_subset``. The loaders (:mod:`.sources`) and the data pre-flight
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -53,3 +54,13 @@ def split_plan(n_full: int, n_test: int, dcfg) -> dict[str, tuple[str, np.ndarra
         val = val[:dcfg.eval_subset]
         test = (test[0], test[1][:dcfg.eval_subset])
     return {"train": ("train", train), "val": ("train", val), "test": test}
+
+
+def read_idx(path: Path, header_only: bool = False) -> tuple[tuple, Optional[np.ndarray]]:
+    """An idx file (Fashion-MNIST's format, gzipped or not): its shape, and its uint8 data in that
+    shape (None with ``header_only``: the pre-flight needs only an image file's size)."""
+    import gzip
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        head = f.read(4)
+        shape = tuple(int.from_bytes(f.read(4), "big") for _ in range(head[3]))
+        return shape, None if header_only else np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)

@@ -16,7 +16,6 @@ per-image parameters (:mod:`conmim.data.rng`).
 """
 from __future__ import annotations
 
-import gzip
 import io
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,7 +28,7 @@ import torch
 from conmim.config.experiment import DataConfig
 from conmim.config.data_paths import FASHION_MNIST_FILES, DataMissing, fashion_mnist_root, idx_path, missing_data_message
 from conmim.data.encoded import EncodedImages
-from conmim.data.listing import imagefolder_classes, imagefolder_files, split_plan
+from conmim.data.listing import imagefolder_classes, imagefolder_files, read_idx, split_plan
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
@@ -107,13 +106,6 @@ def _pil_to_uint8(im) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
-def _read_idx(path: Path) -> np.ndarray:
-    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def _fashion_mnist(dcfg) -> dict[str, ImageSet]:
     root = fashion_mnist_root(dcfg)
     if missing_data_message(dcfg):
@@ -124,8 +116,8 @@ def _fashion_mnist(dcfg) -> dict[str, ImageSet]:
         torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
     out = {}
     for split, (img, lab) in FASHION_MNIST_FILES.items():
-        x = torch.from_numpy(_read_idx(idx_path(root, img)).copy()).unsqueeze(1)
-        y = _read_idx(idx_path(root, lab)).astype(np.int64)
+        x = torch.from_numpy(read_idx(idx_path(root, img))[1].copy()).unsqueeze(1)
+        y = read_idx(idx_path(root, lab))[1].astype(np.int64)
         out[split] = ImageSet(y, 10, *FASHION_MNIST_STATS, pixels=x)
     return out
 

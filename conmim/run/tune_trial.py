@@ -15,9 +15,8 @@ from conmim.run.results import FAILED_FILE
 from conmim.run.stop import stopping
 from conmim.tracking import client as mlflow_runs
 from conmim.tracking import tags as T
-from conmim.trial import trial_warnings
 from conmim.tracking.buffer import PENDING_FILE, flush_pending
-from conmim.trial import TrialResult
+from conmim.trial import TrialResult, trial_warnings
 
 
 def trial_record(name, variant, seed, overrides, key, alias_of, note, config: dict) -> dict:
@@ -43,7 +42,8 @@ def _sampled_trial(params: dict, info: dict, sweep_dir: Path) -> dict:
 def _tags(rec: dict, info: dict, ray_trial_id: str) -> dict:
     aliases = info["aliases"].get(rec["name"], [])
     warnings = info.get("warnings", {}).get(rec["name"])
-    return {**({T.WARNING: "; ".join(warnings)[:5000]} if warnings else {}),T.VARIANT: rec["variant"], T.SEED: str(rec["seed"]), T.CANONICAL_HASH: rec["key"],
+    return {**({T.WARNING: "; ".join(warnings)[:5000]} if warnings else {}),
+            T.VARIANT: rec["variant"], T.SEED: str(rec["seed"]), T.CANONICAL_HASH: rec["key"],
             T.ALIASES: ",".join(a["name"] for a in aliases) or "-",
             T.ALIAS_RECORDS: json.dumps(aliases, default=str)[:5000],
             T.OVERRIDES: json.dumps(rec["overrides"], sort_keys=True, default=str)[:5000],
