@@ -38,8 +38,11 @@ demo: install data
 	$(BIN)/conmim sweep sweeps/ablations.yaml --set seeds=[0] --set name=demo --set only=[scratch,no_stop_grad] \
 	    --set storage=runs --set mlflow.tracking_uri=sqlite:///$(CURDIR)/runs/mlflow.db
 
+# Two test processes (pytest-xdist), each test file on one of them: most of the suite waits on Ray
+# and MLflow start-ups, so two overlap on 2 cores (14.7 min instead of 18.6 on the 2-core VM).
+TEST_WORKERS ?= 2
 test: install data browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The fast tier (<= 120 s): unit tests of every module, no Ray, no whole trial (tests/conftest.py).
 test-fast: install data

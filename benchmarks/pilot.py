@@ -60,7 +60,7 @@ def steps_per_epoch(run: dict) -> int:
     return 8000 // run["overrides"].get("pretrain.batch_size", 256)
 
 
-def one(name: str, overrides: dict, curve: bool, seed: int) -> dict:
+def one(name: str, overrides: dict, curve: bool, seed: int, low_label: bool = True, proxy_every: int = 2) -> dict:
     from conmim.config import load_config
     from conmim.data.sources import load_splits
     from conmim.train.build import build_conmim, build_encoder
@@ -70,7 +70,7 @@ def one(name: str, overrides: dict, curve: bool, seed: int) -> dict:
     from conmim.train.pretrain import pretrain
     from conmim.train.session import LocalSession
 
-    sets = {**overrides, "seed": seed, "eval.proxy_every": 2 if curve else 0, "eval.probe_online": True,
+    sets = {**overrides, "seed": seed, "eval.proxy_every": proxy_every if curve else 0, "eval.probe_online": True,
             "pretrain.checkpoint_every": 1000}
     cfg = load_config("tiny", [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in sets.items()])
     splits = load_splits(cfg.data)
@@ -89,6 +89,7 @@ def one(name: str, overrides: dict, curve: bool, seed: int) -> dict:
              "loss": h["pretrain_loss"], "epoch_seconds": h["epoch_seconds"]}
             for h in pre["history"] if "knn_proxy_top1" in h or not curve]
         rec["final_loss"] = pre["final_pretrain_loss"]
+        rec["losses"] = [h["pretrain_loss"] for h in pre["history"]]
         rec["pretrain_seconds"] = pre["pretrain_seconds"]
         rec["knn_momentum"] = knn_top1_of(net.encoder(cfg.finetune.encoder), splits["train"], splits["val"], cfg, "cpu")
         rec["knn_online"] = knn_top1_of(net.online.encoder, splits["train"], splits["val"], cfg, "cpu")
@@ -100,9 +101,10 @@ def one(name: str, overrides: dict, curve: bool, seed: int) -> dict:
         rec["knn_momentum"] = rec["knn_online"] = knn_top1_of(build_encoder(cfg).eval(), splits["train"],
                                                              splits["val"], cfg, "cpu")
     low = load_config("tiny", [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in {**sets, **LOW}.items()])
-    t1 = time.time()
-    rec["low_label_val_top1"] = finetune(low, LocalSession(work, "ft_low"), state, test=False)["finetune_val_top1"]
-    rec["low_label_seconds"] = time.time() - t1
+    if low_label:
+        t1 = time.time()
+        rec["low_label_val_top1"] = finetune(low, LocalSession(work, "ft_low"), state, test=False)["finetune_val_top1"]
+        rec["low_label_seconds"] = time.time() - t1
     t1 = time.time()
     rec["full_label_val_top1"] = finetune(cfg, LocalSession(work, "ft_full"), state, test=False)["finetune_val_top1"]
     rec["full_label_seconds"] = time.time() - t1

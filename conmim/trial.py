@@ -124,7 +124,8 @@ def make_result(cfg: ExperimentConfig, carry: dict, num_classes: int, wall: floa
     metrics = {k: measured.get(k, float("nan")) for k in FINAL_METRICS}
     metrics.update(final_pretrain_loss=pre["final_pretrain_loss"] if pre else float("nan"), final_target_std=std)
     flags = {"collapsed": bool(pre is not None and math.isfinite(std) and std < COLLAPSE_STD),
-             "at_chance": bool(ft["finetune_top1"] < 1.0 / num_classes + CHANCE_MARGIN),
+             "at_chance": bool(ft["finetune_top1" if cfg.eval.test_split else "finetune_val_top1"]
+                               < 1.0 / num_classes + CHANCE_MARGIN),
              "positional_shortcut": bool(probe.get("positional_shortcut", False)),
              "diverged": bool(pre is not None and pretrain_diverged(pre["history"], math.log(cfg.dictionary_size()),
                                                                     cfg.pretrain.warmup_epochs))}
@@ -163,8 +164,9 @@ def _frozen_phases(cfg: ExperimentConfig, session) -> dict:
     splits = load_splits(cfg.data)
     frozen = build_encoder(cfg).to(session.device)
     frozen.load_state_dict(state)
-    probe = probes(frozen, splits, cfg, session.device, session=session)
-    if cfg.eval.probe_online:  # the online encoder too, where it is not the one just probed
+    # (the probes report on the test split: a trial that may read validation only runs none)
+    probe = probes(frozen, splits, cfg, session.device, session=session) if cfg.eval.test_split else {}
+    if cfg.eval.probe_online and cfg.eval.test_split:  # the online encoder too, where it is not the one just probed
         online = net.online.encoder if net is not None and probe_encoder(cfg) == "momentum" else None
         probe.update(probes(online, splits, cfg, session.device, name="online", session=session) if online is not None
                      else {k.replace("_top1", "_online_top1"): v for k, v in probe.items()})
@@ -193,7 +195,8 @@ def run_phases(cfg: ExperimentConfig, pre_session, ft_session) -> TrialResult:
     done = checkpoint.resumable(cfg, ft_session, "finetune_full") if full else None
     if done is not None:  # restarted in the full-label fine-tune: everything before it is in its carry
         carry = done["extra"]["carry"]
-        carry["ft_full"] = finetune(cfg, ft_session, None, carry, phase="finetune_full", all_labels=True)
+        carry["ft_full"] = finetune(cfg, ft_session, None, carry, phase="finetune_full", all_labels=True,
+                                    test=cfg.eval.test_split)
         return make_result(cfg, carry, num_classes)
     ft_state = checkpoint.resumable(cfg, ft_session, "finetune")
     if ft_state is not None:
@@ -202,10 +205,10 @@ def run_phases(cfg: ExperimentConfig, pre_session, ft_session) -> TrialResult:
         carry = _frozen_phases(cfg, pre_session)
         state = carry.pop("_state")
         ft_session.barrier()
-    carry["ft"] = finetune(cfg, ft_session, state, carry)
+    carry["ft"] = finetune(cfg, ft_session, state, carry, test=cfg.eval.test_split)
     if full:
         carry["ft_full"] = finetune(cfg, ft_session, carry["encoder_state"], carry, phase="finetune_full",
-                                    all_labels=True)
+                                    all_labels=True, test=cfg.eval.test_split)
     return make_result(cfg, carry, num_classes)
 
 

@@ -41,9 +41,39 @@ def test_the_selection_stage_is_every_arm_at_every_setting_on_its_own_seeds(tmp_
         (a, lr) for a in ("baseline", "shared", "scratch") for lr in (1e-3, 3e-3)}
     # scratch has no pre-training: its lr cannot matter, so its second setting is the same experiment
     assert {t.name for t in stage.aliases} == {"scratch_lr=0.003_seed100", "scratch_lr=0.003_seed101"}
+    # selection reads validation only: its trials never evaluate on the test split; the comparison's do
+    assert all(not t.config.eval.test_split for t in stage.trials) and all(t.config.eval.test_split for t in sw.trials)
     res = CliRunner().invoke(main, ["sweep", str(sweep_file(tmp_path)), "--dry-run"])
     assert res.exit_code == 0 and "selection stage (fair.selection)" in res.output
     assert "12 trials: 10 distinct, 2 aliases" in res.output and "shared_lr=0.003_seed101" in res.output
+
+
+@pytest.mark.slow
+def test_a_trial_without_the_test_split_never_reads_it(tmp_path, monkeypatch):
+    """eval.test_split=false (every selection-stage trial): pre-training, the shortcut diagnostics and
+    the fine-tune's validation top-1 run; nothing reads the test split (no probes, no test top-1)."""
+    import conmim.data.sources as sources
+    from conmim.config import load_config
+    from conmim.trial import run_in_process
+    read, load = [], sources.load_splits
+
+    class Watched(dict):
+        def __getitem__(self, key):
+            read.append(key)
+            return super().__getitem__(key)
+
+    monkeypatch.setattr(sources, "load_splits", lambda *a, **k: Watched(load(*a, **k)))
+    monkeypatch.setattr("conmim.train.finetune.load_splits", sources.load_splits)
+    sets = [f"{k}={v}" for k, v in SMALL.items()] + ["eval.probe_online=true"]
+    result = run_in_process(load_config("tiny", sets + ["eval.test_split=false"]), tmp_path / "val-only")
+    assert "test" not in read and {"train", "val"} <= set(read), read
+    m = result.metrics
+    assert math.isnan(m["finetune_top1"]) and math.isnan(m["knn_top1"]) and math.isnan(m["linear_probe_top1"])
+    assert 0.1 <= m["finetune_val_top1"] <= 1 and math.isfinite(m["final_pretrain_loss"])
+    assert math.isfinite(m["all_masked_loss"])  # the shortcut diagnostics read validation images
+    read.clear()  # the same trial with the test split reads it (the watch sees reads)
+    result = run_in_process(load_config("tiny", sets), tmp_path / "with-test")
+    assert "test" in read and math.isfinite(result.metrics["finetune_top1"]) and math.isfinite(result.metrics["knn_top1"])
 
 
 @pytest.mark.parametrize("selection, variants, seeds, named", [
@@ -151,6 +181,8 @@ def test_two_stage_sweep_end_to_end_chooses_the_stable_setting_and_resumes_witho
     assert "diverged" in bad.data.tags["conmim.warning"]
     assert good.data.metrics["diverged"] == 0.0 and good.data.metrics["final_pretrain_loss"] < math.log(16)
     assert (sel_dir / "trials" / "baseline_lr=1.0_seed100" / "result.json").exists()
+    # selection read the validation split only: no test top-1, no probes
+    assert all(math.isnan(r.data.metrics.get(k, NAN)) for r in sel_trials.values() for k in ("finetune_top1", "knn_top1"))
 
     # the choice: never the diverged setting; kept in selection.json
     choice = json.loads((cmp_dir / "selection.json").read_text())

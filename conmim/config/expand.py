@@ -208,8 +208,11 @@ def selection_stage(sweep: Sweep, check_paths: bool = True) -> Sweep:
     the budget on the selection seeds, as a sweep of its own (``NAME.selection``: its own folder,
     MLflow experiment and parent run), selecting on ``selection.metric`` (validation only)."""
     sel = sweep.spec.selection
+    # selection reads the validation split only: its trials never evaluate on the test split (no
+    # probes, no test top-1), so the test split is touched once, by the comparison
+    base = sweep.spec.base_spec.model_copy(update={"set": {**sweep.spec.base_spec.set, "eval.test_split": False}})
     spec = sweep.spec.model_copy(update={
-        "name": f"{sweep.spec.name}.selection", "seeds": sel.seeds, "selection": None,
+        "name": f"{sweep.spec.name}.selection", "seeds": sel.seeds, "selection": None, "base": base,
         "mlflow": sweep.spec.mlflow.model_copy(update={"experiment": f"{sweep.spec.experiment}.selection"})})
     stage = Sweep(spec, sweep.path, sweep.base_raw, [], stage="selection")
     _expand(stage, sel.budget, sel.seeds, {}, check_paths)

@@ -180,6 +180,9 @@ class EvalConfig(Strict):
                                "proxy) when the fine-tuned one is the momentum encoder")
     full_label_finetune: bool = Field(False, description="with finetune.labels_per_class: also fine-tune on every label "
                                       "(finetune_full_top1, a secondary column)")
+    test_split: bool = Field(
+        True, description="evaluate on the test split (the probes and finetune_top1); false: the validation split only, "
+        "no probes, finetune_top1 NaN (every trial of a sweep's selection stage: selection reads validation only)")
     probe_train_per_class: Optional[int] = Field(
         None, ge=1, description="the k-NN bank and the linear probe's training set: this many images of every class, a "
         "fixed class-balanced subset of the training split (the same images in every trial and seed); null = the whole "
