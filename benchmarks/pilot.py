@@ -97,9 +97,9 @@ def one(name: str, overrides: dict, curve: bool, seed: int, low_label: bool = Tr
         state = {k: v.detach().clone() for k, v in net.encoder(cfg.finetune.encoder).state_dict().items()}
     else:
         torch.manual_seed(cfg.seed)
-        state = build_encoder(cfg).state_dict()
-        rec["knn_momentum"] = rec["knn_online"] = knn_top1_of(build_encoder(cfg).eval(), splits["train"],
-                                                             splits["val"], cfg, "cpu")
+        encoder = build_encoder(cfg)  # (one encoder: the k-NN is of the initialisation that is fine-tuned)
+        state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+        rec["knn_momentum"] = rec["knn_online"] = knn_top1_of(encoder.eval(), splits["train"], splits["val"], cfg, "cpu")
     low = load_config("tiny", [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in {**sets, **LOW}.items()])
     if low_label:
         t1 = time.time()
