@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -149,6 +150,18 @@ def plot(results: list[dict], path: Path, epochs: int) -> None:
     plt.close(fig)
 
 
+def open_record(store: Path, how: str) -> tuple[Path, dict]:
+    """A pilot's record (its runs so far: a rerun skips them), stamped with this sitting's machine,
+    commit and command."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    doc = json.loads(store.read_text()) if store.exists() else {"runs": []}
+    doc["machine"] = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {how}"
+    doc["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                   cwd=Path(__file__).parent).stdout.strip()
+    doc["command"] = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    return store, doc
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/results/pilot")
@@ -157,14 +170,7 @@ def main():
     ap.add_argument("--only", action="append", default=[], help="run only these names")
     a = ap.parse_args()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    store = out / "pilot.json"
-    doc = json.loads(store.read_text()) if store.exists() else {"runs": []}
-    doc["machine"] = f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, torch {torch.__version__}, " \
-                     f"{torch.get_num_threads()} threads"
-    doc["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                   cwd=Path(__file__).parent).stdout.strip()
-    doc["command"] = "python benchmarks/pilot.py " + " ".join(sys.argv[1:])
+    store, doc = open_record(out / "pilot.json", f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     have = {r["name"] for r in doc["runs"]}
     for name, overrides, curve in runs(a.epochs):
         if name in have or (a.only and name not in a.only):

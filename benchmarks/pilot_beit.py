@@ -22,9 +22,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -33,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pilot import open_record  # noqa: E402
 
 BEIT = {"model.name": "beit_base_patch16_224", "model.shared_rel_pos_bias": True}
 # the settings tried: the reference's layer scale (0.1 for ViT-S/B) at tiny's recipe, then a longer
@@ -155,13 +155,7 @@ def main():
     ap.add_argument("--only", action="append", default=[], help="run only these settings")
     a = ap.parse_args()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    store = out / "pilot-beit.json"
-    doc = json.loads(store.read_text()) if store.exists() else {"runs": []}
-    doc["machine"] = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {a.jobs} runs at a time, 1 thread each"
-    doc["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                   cwd=Path(__file__).parent).stdout.strip()
-    doc["command"] = "python benchmarks/pilot_beit.py " + " ".join(sys.argv[1:])
+    store, doc = open_record(out / "pilot-beit.json", f"{a.jobs} runs at a time, 1 thread each")
     have = {r["name"] for r in doc["runs"]}
     todo = [p for p in plan(a.seeds) if p[0] not in have and (not a.only or p[1] in a.only)]
     t0 = time.time()
