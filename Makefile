@@ -39,7 +39,7 @@ demo: install data
 	    --set storage=runs --set mlflow.tracking_uri=sqlite:///$(CURDIR)/runs/mlflow.db
 
 # Two test processes (pytest-xdist), each test file on one of them: most of the suite waits on Ray
-# and MLflow start-ups, so two overlap on 2 cores (14.7 min instead of 18.6 on the 2-core VM).
+# and MLflow start-ups, so two overlap on 2 cores (14.7-17.3 min of tests instead of 18.6 serial, 2-core VM).
 TEST_WORKERS ?= 2
 test: install data browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
