@@ -164,9 +164,8 @@ def _frozen_phases(cfg: ExperimentConfig, session) -> dict:
     splits = load_splits(cfg.data)
     frozen = build_encoder(cfg).to(session.device)
     frozen.load_state_dict(state)
-    # (the probes report on the test split: a trial that may read validation only runs none)
-    probe = probes(frozen, splits, cfg, session.device, session=session) if cfg.eval.test_split else {}
-    if cfg.eval.probe_online and cfg.eval.test_split:  # the online encoder too, where it is not the one just probed
+    probe = probes(frozen, splits, cfg, session.device, session=session)  # ({} with eval.test_split=false)
+    if cfg.eval.probe_online:  # the online encoder too, where it is not the one just probed
         online = net.online.encoder if net is not None and probe_encoder(cfg) == "momentum" else None
         probe.update(probes(online, splits, cfg, session.device, name="online", session=session) if online is not None
                      else {k.replace("_top1", "_online_top1"): v for k, v in probe.items()})
@@ -195,8 +194,7 @@ def run_phases(cfg: ExperimentConfig, pre_session, ft_session) -> TrialResult:
     done = checkpoint.resumable(cfg, ft_session, "finetune_full") if full else None
     if done is not None:  # restarted in the full-label fine-tune: everything before it is in its carry
         carry = done["extra"]["carry"]
-        carry["ft_full"] = finetune(cfg, ft_session, None, carry, phase="finetune_full", all_labels=True,
-                                    test=cfg.eval.test_split)
+        carry["ft_full"] = finetune(cfg, ft_session, None, carry, phase="finetune_full", all_labels=True)
         return make_result(cfg, carry, num_classes)
     ft_state = checkpoint.resumable(cfg, ft_session, "finetune")
     if ft_state is not None:
@@ -205,10 +203,10 @@ def run_phases(cfg: ExperimentConfig, pre_session, ft_session) -> TrialResult:
         carry = _frozen_phases(cfg, pre_session)
         state = carry.pop("_state")
         ft_session.barrier()
-    carry["ft"] = finetune(cfg, ft_session, state, carry, test=cfg.eval.test_split)
+    carry["ft"] = finetune(cfg, ft_session, state, carry)
     if full:
         carry["ft_full"] = finetune(cfg, ft_session, carry["encoder_state"], carry, phase="finetune_full",
-                                    all_labels=True, test=cfg.eval.test_split)
+                                    all_labels=True)
     return make_result(cfg, carry, num_classes)
 
 

@@ -127,7 +127,7 @@ def probes(encoder, splits, cfg, device, name: str = "", session: Session | None
     ``linear_probe_top1``, or ``knn_{name}_top1`` ... for a named encoder (``online``). With a
     ``session``, the features are extracted by all its ranks (:func:`extract`) and every rank fits."""
     out = {}
-    if not (cfg.eval.knn or cfg.eval.linear_probe):
+    if not (cfg.eval.knn or cfg.eval.linear_probe) or not cfg.eval.test_split:  # (they report on the test split)
         return out
     tag = f"_{name}" if name else ""
     train, test = probe_train_set(splits["train"], cfg), splits["test"]

@@ -53,7 +53,7 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
 
     ``carry`` (earlier phases' summaries) is stored in every checkpoint, so that a run restarted
     during fine-tuning does not need to redo them. Returns ``{phase}_top1`` (test; NaN with
-    ``test=False``, for a protocol search that must not look at it), ``{phase}_val_top1``, the
+    ``test=False`` or ``eval.test_split=false``, for a search that must not look at it), ``{phase}_val_top1``, the
     history and the wall seconds."""
     t0 = time.time()
     f = cfg.finetune
@@ -163,7 +163,7 @@ def finetune(cfg: ExperimentConfig, session: Session, encoder_state: dict | None
         session.log(f"[{phase}] epoch {epoch}/{f.epochs} loss {m[f'{phase}_loss']:.4f} ({m['epoch_seconds']:.1f}s)")
         due = epoch % f.checkpoint_every == 0 or epoch == f.epochs
         session.report_epoch({**m, "phase": phase}, save if due else None)
-    return {f"{phase}_top1": top1(net, splits["test"], cfg, session) if test else float("nan"),
+    return {f"{phase}_top1": top1(net, splits["test"], cfg, session) if test and cfg.eval.test_split else float("nan"),
             f"{phase}_val_top1": top1(net, splits["val"], cfg, session),
             f"{phase}_history": history, f"{phase}_seconds": time.time() - t0,
             **({f"{phase}_step_losses": step_losses} if cfg.debug.log_steps else {})}
