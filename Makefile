@@ -35,7 +35,7 @@ browser:
 # The ablation study's protocol on one seed (the full study, 5 seeds: README, "Sweeps").
 demo: install data
 	rm -rf runs/demo
-	$(BIN)/conmim sweep sweeps/ablations.yaml --set seeds=[0] --set name=demo --set only=[scratch,no_stop_grad] \
+	$(BIN)/conmim sweep sweeps/ablations.yaml --set seeds=[0] --set name=demo --set only=[scratch,no_stop_grad] --set selection=null \
 	    --set storage=runs --set mlflow.tracking_uri=sqlite:///$(CURDIR)/runs/mlflow.db
 
 # Two test processes (pytest-xdist), each test file on one of them: most of the suite waits on Ray

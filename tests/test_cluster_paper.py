@@ -349,6 +349,9 @@ def test_paper_scale_command_is_one_and_resolves_to_the_costed_trial():
     assert args[:2] == ["conmim", "sweep"] and "--address" in args  # checked as `--address` checks it
     sweep, trials, out = _resolve(args[1:])
     assert sweep["resources"]["max_concurrent_trials"] == 1  # the sweep file's 2 is for the tiny study
+    # the tiny study's selection budget (lrs for batch 64) is not the paper's: every arm runs the reference recipe
+    assert sweep["selection"] is None
+    preset = yaml.safe_load((REPO / "conmim" / "config" / "presets" / "vit-b16-imagenet.yaml").read_text())
     assert sweep["storage"] == "/mnt/shared/ray_results" and sweep["mlflow"]["tracking_uri"] == "http://10.0.1.23:5000"
     # what cluster/README.md's cost table counts: epochs, distinct and pre-trained trials
     cost = cluster_readme[cluster_readme.index("## Cost (estimate)"):cluster_readme.index("## Data:")]
@@ -365,6 +368,7 @@ def test_paper_scale_command_is_one_and_resolves_to_the_costed_trial():
         assert pre["compile"] is True  # the measured loop was compiled
         assert pre["batch_size"] // (res["num_workers"] * pre["accumulate"]) == 64  # 64 per GPU, as measured
         assert (pre["epochs"] if pre["enabled"] else pre_epochs) == pre_epochs and ft["epochs"] == ft_epochs
+        assert (pre["lr"], pre["lr_batch_size"]) == (preset["pretrain"]["lr"], preset["pretrain"]["lr_batch_size"])
         # 16 loader processes per GPU worker fit its 20 CPUs, and 8 workers fit a p5 node and the KubeRay pod
         assert data["num_workers"] == 16 and res["cpus_per_worker"] == 20
         assert data["num_workers"] < res["cpus_per_worker"] and 8 * res["cpus_per_worker"] <= min(p5_vcpus, pod_cpus)
