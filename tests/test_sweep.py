@@ -58,12 +58,22 @@ def test_ablations_expand_to_expected_trials_and_aliases():
 
 
 def test_only_runs_a_subset_of_the_arms_with_the_baseline():
-    """What `make demo` runs: the study's protocol, one seed, three arms."""
-    sw = load_sweep(str(REPO / "sweeps" / "ablations.yaml"), ["seeds=[0]", "only=[scratch,no_stop_grad]"])
+    """What `make demo` runs (its --set list read from the Makefile): the study's protocol, one seed,
+    three arms, and no selection stage (11 more trials would not fit the demo's 20 minutes)."""
+    make = (REPO / "Makefile").read_text()
+    recipe = make[make.index("\ndemo:"):].split("\n\n")[0].replace("\\\n", " ")
+    sets = [a for a in re.findall(r"--set (\S+)", recipe) if not a.startswith(("storage=", "mlflow."))]
+    assert "selection=null" in sets and "only=[scratch,no_stop_grad]" in sets, recipe
+    sw = load_sweep(str(REPO / "sweeps" / "ablations.yaml"), sets)
+    assert sw.spec.selection is None
     assert [t.name for t in sw.trials] == ["baseline_seed0", "scratch_seed0", "no_stop_grad_seed0"]
-    full = load_sweep(str(REPO / "sweeps" / "ablations.yaml"), ["seeds=[0]"])
-    assert {t.name: t.key for t in full.trials if t.name in {x.name for x in sw.trials}} == {
-        t.name: t.key for t in sw.trials}  # the same trials as in the study, not look-alikes
+    # the same trials as the study's at one setting of its budget (tiny's own lr), not look-alikes
+    study = load_sweep(str(REPO / "sweeps" / "ablations.yaml"), ["seeds=[0]"])
+    lr = sw.trials[0].config.pretrain.lr
+    assert lr in study.spec.selection.budget["pretrain.lr"]
+    at_lr = {t.name: t.key for t in load_sweep(str(REPO / "sweeps" / "ablations.yaml"),
+                                               ["seeds=[0]", f"base.set.pretrain.lr={lr}", "selection=null"]).trials}
+    assert {n: at_lr[n] for n in (x.name for x in sw.trials)} == {t.name: t.key for t in sw.trials}
 
 
 def sweep_file(tmp_path, name, variants, seeds=(0,), **extra):
