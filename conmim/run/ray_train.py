@@ -48,9 +48,18 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, lo
         os.environ.setdefault(k, v)
     # A trial's function plus its Train workers need more logical CPUs than a 2-core laptop has;
     # they time-share the cores, which is what the user asked for by running here.
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), object_store_memory=200 * 1024 ** 2,
-             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    kwargs = dict(num_cpus=num_cpus or max(4, os.cpu_count() or 1), object_store_memory=200 * 1024 ** 2,
+                  include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
+                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    try:
+        ray.init(**kwargs)
+    except Exception as e:
+        # Ray gives its raylet a fixed 30 s to register with the GCS (ray/_private/node.py, not
+        # configurable); on a loaded 2-core machine a start can miss it. Start once more from clean.
+        if "timed out during startup" not in str(e):
+            raise
+        ray.shutdown()
+        ray.init(**kwargs)
 
 
 def _run_trial(cfg: ExperimentConfig, session, config: dict) -> TrialResult:
