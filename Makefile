@@ -11,7 +11,9 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# --no-compile: pip would byte-compile every module of ~6 GB of wheels (torch with its CUDA
+	# libraries, Ray, MLflow): 45 s of a 2-core install; Python compiles what is imported, once.
+	$(BIN)/python -m pip install -q --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
