@@ -123,6 +123,7 @@ def ui_server(sweep_elsewhere):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first builds the module's sweep: 100 s, 227 s at half speed
 def test_sweep_elsewhere_prints_one_table_and_a_ui_command_for_its_store(sweep_elsewhere):
     out, elsewhere = sweep_elsewhere["output"], sweep_elsewhere["elsewhere"]
     cmd, links = printed_ui(out)
@@ -146,6 +147,7 @@ def test_sweep_elsewhere_prints_one_table_and_a_ui_command_for_its_store(sweep_e
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first builds the module's sweep: 100 s, 227 s at half speed
 def test_printed_command_opens_the_store_holding_the_sweep(sweep_elsewhere, ui_server):
     """Run literally from the folder the sweep started in: its server holds the sweep's experiment
     and its runs, and no database appeared anywhere."""
@@ -187,6 +189,7 @@ def browser():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first builds the module's sweep: 100 s, 227 s at half speed
 def test_mlflow_ui_in_chromium_shows_the_trials_and_the_ablation_table(sweep_elsewhere, ui_server, tmp_path):
     """The printed links in headless Chromium, nothing clicked: the trials link shows each trial as
     a row of the runs table with its finetune_top1 (not folded under the sweep's row), the sweep's
@@ -238,6 +241,7 @@ def test_mlflow_ui_in_chromium_shows_the_trials_and_the_ablation_table(sweep_els
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first builds the module's sweep: 100 s, 227 s at half speed
 def test_resumed_sweep_republishes_its_page(sweep_elsewhere):
     """When a resumed sweep finishes, its run page is written again: the description (the table),
     the forest plot artifact and the Δ metrics, replacing what an earlier, interrupted run left
