@@ -212,7 +212,8 @@ def run_phases(cfg: ExperimentConfig, pre_session, ft_session) -> TrialResult:
 
 def run_in_process(cfg: ExperimentConfig, out: str | Path, device: str = "cpu",
                    warnings: Optional[list] = None) -> TrialResult:
-    from conmim.train.session import LocalSession
+    from conmim.train.session import LocalSession, set_threads
+    set_threads(cfg.resources.threads)  # as a Ray worker would: the same config, the same numbers
     out = Path(out)
     t0 = time.time()
     result = run_phases(cfg, LocalSession(out, "pretrain", device), LocalSession(out, "finetune", device))

@@ -33,6 +33,15 @@ from conmim.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 CONMIM = str(Path(sys.executable).with_name("conmim"))
 
+# `make test` runs two pytest processes on the 2 cores. With torch's default (a thread per core)
+# in each, two tests computing at once put 4 OpenMP threads on 2 cores, and each step waits for a
+# descheduled thread: 2.7-5.7x slower (benchmarks/threads.py), the "half-speed windows" of earlier
+# runs. Each process gets its share of the cores, and so do the processes it starts (OMP_NUM_THREADS).
+TEST_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if TEST_PROCESSES > 1:
+    from conmim.train.session import set_threads
+    set_threads(max(1, (os.cpu_count() or 1) // TEST_PROCESSES))
+
 # A few hundred real images, one epoch: every test that trains uses this shape.
 SMALL = {
     "data.subset": 256, "data.eval_subset": 256,

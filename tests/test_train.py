@@ -20,8 +20,13 @@ def baseline(tmp_path_factory):
 @pytest.mark.timeout(900)
 @pytest.mark.slow
 def test_same_seed_same_result_numbers(small, tmp_path, baseline):
+    """Same seed, same numbers, also when the process had other torch threads: the config's (resources.threads, here 1)
+    are used on every backend, and a float reduction's order, so the numbers, depend on them."""
+    import torch
     a = baseline
+    torch.set_num_threads(2)
     b = run_in_process(small(debug__log_steps=True), tmp_path / "b")
+    assert torch.get_num_threads() == 1 == b.config["resources"]["cpus_per_worker"]
     for k in KEYS:
         assert a.metrics[k] == b.metrics[k], k
     c = run_in_process(small(seed=1), tmp_path / "c")

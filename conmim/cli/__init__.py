@@ -114,7 +114,8 @@ def pretrain(config, sets, out, backend, address):
     out = Path(out).resolve()
     if backend == "process":
         from conmim.train.pretrain import pretrain as run
-        from conmim.train.session import LocalSession
+        from conmim.train.session import LocalSession, set_threads
+        set_threads(cfg.resources.threads)
         session = LocalSession(out, "pretrain")
         loss, ckpt = run(cfg, session)["final_pretrain_loss"], session.checkpoint_dir
     else:
@@ -139,7 +140,8 @@ def finetune(config, checkpoint, sets, out, backend, address):
     if backend == "process":
         from conmim.train import checkpoint as ckpt
         from conmim.train.finetune import finetune as run
-        from conmim.train.session import LocalSession
+        from conmim.train.session import LocalSession, set_threads
+        set_threads(cfg.resources.threads)
         res = run(cfg, LocalSession(out, "finetune"), ckpt.encoder_weights(Path(checkpoint), cfg.finetune.encoder))
         res.pop("finetune_history")
     else:

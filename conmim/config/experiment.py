@@ -194,13 +194,20 @@ class ResourcesConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
-    threads_per_worker: Optional[int] = Field(None, ge=1, description="torch intra-op threads (default: cpus_per_worker)")
+    threads_per_worker: Optional[int] = Field(None, ge=1, description="torch intra-op threads of a worker, and of "
+                                              "`--backend process` (default: cpus_per_worker)")
     max_failures: int = Field(2, ge=0, description="Ray Train: restarts of a trial's worker group from its latest "
                               "checkpoint after a worker dies (the sweep's max_failures are Tune's retries of a trial)")
     collective_timeout_s: int = Field(
         1800, ge=1, description="seconds a rank waits in a collective (all-reduce, all-gather, barrier) before the "
         "trial fails and is restarted from its checkpoint: Ray Train's TorchConfig(timeout_s), and the timeout of any "
         "process group the project starts itself")
+
+    @property
+    def threads(self) -> int:
+        """torch's intra-op threads for one worker: its float reductions, and so its numbers, depend on
+        them, so a run's config fixes them on every backend (never "as many as this machine has")."""
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
 class DebugConfig(Strict):

@@ -91,9 +91,10 @@ TASKS = {"trial": _run_trial, "pretrain": _run_pretrain, "finetune": _run_finetu
 
 def _worker(config: dict):
     """Every Ray Train worker: one task of one experiment."""
-    from conmim.train.session import RaySession, set_threads
+    from conmim.train.session import RaySession, set_threads, undo_ray_nice
     cfg = ExperimentConfig.model_validate(config["experiment"])
-    set_threads(cfg.resources.threads_per_worker or max(1, int(cfg.resources.cpus_per_worker)))
+    undo_ray_nice()
+    set_threads(cfg.resources.threads)
     task = config["task"]
     try:
         return TASKS[task](cfg, RaySession(config["out"]), config)

@@ -230,17 +230,21 @@ def micro_batches(batch, parts: int) -> list:
     return [cut(batch, k) for k in range(parts)]
 
 
-def set_threads(n: Optional[int]) -> None:
-    """Threads of a Ray Train worker; also undo the low priority (nice 15) Ray gives its workers,
-    which on a small machine lets every background Ray process preempt the training."""
+def set_threads(n: int) -> None:
+    """torch's intra-op threads (``resources.threads``), for this process and any it starts."""
+    torch.set_num_threads(int(n))
+    os.environ["OMP_NUM_THREADS"] = str(int(n))
+
+
+def undo_ray_nice() -> None:
+    """Undo the low priority (nice 15) Ray gives its workers, which on a small machine lets every
+    background Ray process preempt the training. (Not for ``--backend process``: a user who
+    ``nice``s a run means it.)"""
     try:
         if os.getpriority(os.PRIO_PROCESS, 0) > 0:
             os.setpriority(os.PRIO_PROCESS, 0, 0)
     except (OSError, AttributeError):
         pass  # not allowed to raise priority (non-root): train at Ray's priority
-    if n:
-        torch.set_num_threads(int(n))
-        os.environ["OMP_NUM_THREADS"] = str(int(n))
 
 
 def autocast(device: torch.device | str, enabled: bool):
