@@ -61,6 +61,9 @@ if [[ -z "$MLFLOW_BIN" ]]; then
   exit 2
 fi
 
+# MLflow 3's server would start seven Huey job consumers (GenAI jobs: prompt optimisation,
+# scorers, trace roll-ups), each a Python importing MLflow; conmim uses none. Set it to true to have them.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 HOST="${MLFLOW_HOST:-127.0.0.1}"
 PORT="${MLFLOW_PORT:-5000}"
 STATE="$(mkdir -p "${CONMIM_MLFLOW_DIR:-./mlflow-server}" && cd "${CONMIM_MLFLOW_DIR:-./mlflow-server}" && pwd)"

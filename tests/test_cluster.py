@@ -318,6 +318,7 @@ def _mlflow_server_args(tmp_path, **env):
     """Run cluster/mlflow-server.sh with a stand-in for mlflow that prints what it was given."""
     fake = tmp_path / "fake-mlflow"
     fake.write_text('#!/bin/bash\necho "ARGS: $*"\necho "CONF: ${MLFLOW_AUTH_CONFIG_PATH:-}"\n'
+                    'echo "JOBS: ${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-unset}"\n'
                     '[[ -n "${MLFLOW_AUTH_CONFIG_PATH:-}" ]] && cat "$MLFLOW_AUTH_CONFIG_PATH"; exit 0\n')
     fake.chmod(0o755)
     full = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -328,6 +329,8 @@ def _mlflow_server_args(tmp_path, **env):
 def test_mlflow_server_needs_authentication_off_loopback(tmp_path):
     r = _mlflow_server_args(tmp_path)  # loopback: served as before, no login
     assert r.returncode == 0 and "--host 127.0.0.1" in r.stdout and "basic-auth" not in r.stdout, r.stderr
+    assert "JOBS: false" in r.stdout  # no Huey job consumers (MLflow's GenAI jobs) unless asked for
+    assert "JOBS: true" in _mlflow_server_args(tmp_path, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="true").stdout
     r = _mlflow_server_args(tmp_path, MLFLOW_HOST="10.0.1.23")
     assert r.returncode == 2 and "without authentication" in r.stderr and "ARGS" not in r.stdout
     r = _mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="1")  # auth without a password

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from conmim.cli import main
 from conmim.config import ConfigError
+from conmim.tracking.stores import server_env
 from conftest import AUTH_OFF, CONMIM, REPO, SMALL, wait_for
 
 CORPUS = Path(__file__).parent / "bad_inputs"
@@ -421,14 +422,16 @@ def test_redaction_survives_another_thread_changing_the_environment(monkeypatch)
 # ---------------------------------------------------------------------------------------------
 def test_ui_binds_loopback_by_default(monkeypatch, tmp_path):
     from conmim.tracking import client as tracking
-    calls = []
-    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))  # conmim ui becomes the server
+    calls, envs = [], []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append(argv) or envs.append(env))  # ui becomes the server
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracking.experiment_id(uri, "exists")  # conmim ui opens only an existing store
     res, out = invoke(["ui", "--tracking-uri", uri, "--port", "0"])
     assert res.exit_code == 0, out
     argv = calls[-1]
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and "0.0.0.0" not in argv
+    assert envs[-1]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false" and envs[-1]["PATH"] == os.environ["PATH"]
     res, out = invoke(["ui", "--tracking-uri", uri, "--host", "0.0.0.0", "--port", "0"])  # only when asked
     assert calls[-1][calls[-1].index("--host") + 1] == "0.0.0.0"
 
@@ -593,7 +596,7 @@ class MlflowServer:
             [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.tmp / 'server.db'}",
              "--artifacts-destination", str(self.tmp / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env())
         import urllib.request
         wait_for(lambda: urllib.request.urlopen(self.uri + "/health", timeout=2).status == 200, 180, "mlflow server")
 

@@ -197,7 +197,7 @@ def ui(source, sets, tracking_uri, host, port):
             click.echo(f"  {label}: {url}")
     sys.stdout.flush()
     cmd = stores.server_command(target.uri, host, port)
-    os.execv(cmd[0], cmd)  # the server is this process: stopping it stops the UI
+    os.execve(cmd[0], cmd, stores.server_env())  # the server is this process: stopping it stops the UI
 
 
 @main.group()

@@ -174,5 +174,17 @@ def server_command(uri: str, host: str, port: int) -> list[str]:
     return cmd
 
 
-__all__ = ["Target", "absolute_uri", "experiments", "known_stores", "port_free", "recorded_sweeps", "resolve",
-           "server_command", "ui_command"]
+# MLflow 3's server starts seven Huey job consumers of its own (GenAI jobs: prompt optimisation,
+# scorers, trace roll-ups), each a Python importing MLflow: ~35 s of CPU at every start on 2 cores,
+# and processes that outlive a killed server. Nothing here uses them; a user who does sets it.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def server_env() -> dict[str, str]:
+    """The environment for ``mlflow server``: this one, with SERVER_ENV's defaults under it."""
+    import os
+    return {**SERVER_ENV, **os.environ}
+
+
+__all__ = ["SERVER_ENV", "Target", "absolute_uri", "experiments", "known_stores", "port_free", "recorded_sweeps", "resolve",
+           "server_command", "server_env", "ui_command"]
