@@ -598,7 +598,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.tmp / "artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env())
         import urllib.request
-        wait_for(lambda: urllib.request.urlopen(self.uri + "/health", timeout=2).status == 200, 180, "mlflow server")
+        wait_for(lambda: urllib.request.urlopen(self.uri + "/health", timeout=2).status == 200, 300, "mlflow server")
 
     def kill(self):
         if self.proc and self.proc.poll() is None:
