@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from conmim.cli import main
 from conmim.config import ConfigError
-from conmim.tracking.stores import server_env
+from conmim.tracking.stores import server_command, server_env
 from conftest import AUTH_OFF, CONMIM, REPO, SMALL, wait_for
 
 CORPUS = Path(__file__).parent / "bad_inputs"
@@ -592,10 +592,8 @@ class MlflowServer:
 
     def start(self):
         log = open(self.tmp / "mlflow-server.log", "a")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.tmp / 'server.db'}",
-             "--artifacts-destination", str(self.tmp / "artifacts")],
+        self.proc = subprocess.Popen(  # the server `conmim ui` starts, in its environment
+            server_command(f"sqlite:///{self.tmp / 'server.db'}", "127.0.0.1", self.port),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env())
         import urllib.request
         wait_for(lambda: urllib.request.urlopen(self.uri + "/health", timeout=2).status == 200, 300, "mlflow server")

@@ -175,8 +175,8 @@ def server_command(uri: str, host: str, port: int) -> list[str]:
 
 
 # MLflow 3's server starts seven Huey job consumers of its own (GenAI jobs: prompt optimisation,
-# scorers, trace roll-ups), each a Python importing MLflow: ~35 s of CPU at every start on 2 cores,
-# and processes that outlive a killed server. Nothing here uses them; a user who does sets it.
+# scorers, trace roll-ups), each a Python importing MLflow: 92 against 31 CPU s per start on 2 cores
+# (benchmarks/mlflow_server.py). Nothing here uses them; a user who does sets it.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
