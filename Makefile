@@ -11,9 +11,11 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# --no-compile: pip would byte-compile every module of ~6 GB of wheels (torch with its CUDA
-	# libraries, Ray, MLflow): 45 s of a 2-core install; Python compiles what is imported, once.
-	$(BIN)/python -m pip install -q --no-compile -e '.[dev]'
+	# pip byte-compiles what it installs (~45 s on 2 cores). Never --no-compile: where
+	# PYTHONDONTWRITEBYTECODE is set (this VM, many CI images) no .pyc is ever written afterwards,
+	# and every process (each Ray worker, each test subprocess) compiles torch, Ray and MLflow from
+	# source: 29 against 11 s per import (benchmarks/import_cost.py).
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -483,6 +483,24 @@ def test_local_ray_start_timeout_is_retried_once_and_other_errors_are_not(monkey
     assert len(calls) == 1 and shutdowns == []
 
 
+@pytest.mark.parametrize("module", ["torch", "torch.nn.modules.module", "ray", "ray.train.torch", "mlflow", "timm"])
+def test_the_installed_stack_has_its_bytecode(module):
+    """The install byte-compiles (no `pip install --no-compile`). With PYTHONDONTWRITEBYTECODE set, as
+    on this VM and in many CI images, nothing writes a .pyc later, and every process that imports the
+    stack compiles it from source: 29 against 11 CPU s per import (benchmarks/import_cost.py). That
+    doubled make test's wall time from 70dab4b to 5e4b689. A .venv installed in that window:
+    `.venv/bin/python -m compileall -q .venv/lib`."""
+    import importlib.util
+    origin = importlib.util.find_spec(module).origin
+    assert os.path.exists(importlib.util.cache_from_source(origin)), f"no bytecode for {origin}"
+
+
+def test_the_install_commands_byte_compile():
+    for path in (REPO / "Makefile", REPO / ".ci" / "run"):
+        installs = [line for line in path.read_text().splitlines() if "pip install" in line and "'.[dev]'" in line]
+        assert installs and not any("--no-compile" in line for line in installs), path
+
+
 def test_token_authentication_is_not_disabled_anywhere():
     """Ray's token auth (on by default for local clusters) is never switched off by code or docs."""
     files = [p for d in ("conmim", "cluster", "docs", "sweeps", "benchmarks", ".ci") if (REPO / d).exists()
