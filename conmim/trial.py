@@ -34,6 +34,7 @@ class TrialResult:
     pretrain_history: list = field(default_factory=list)
     finetune_history: list = field(default_factory=list)
     node_id: str = ""
+    machine: str = ""                         # where rank 0 trained: CPU, its torch kernels, torch, GPU (machine())
     probe_encoder: str = ""                   # the encoder knn_top1 / linear_probe_top1 were measured on
     step_losses: Optional[list] = None
     warnings: list = field(default_factory=list)  # the data pre-flight's (conmim.data.preflight)
@@ -54,6 +55,7 @@ class TrialResult:
                    flags={k: bool(d.get(k)) for k in FLAGS}, canonical_hash=d.get("canonical_hash", ""),
                    config=d.get("config", {}), pretrain_history=d.get("pretrain_history", []),
                    finetune_history=d.get("finetune_history", []), node_id=d.get("node_id") or "",
+                   machine=d.get("machine") or "",
                    probe_encoder=d.get("probe_encoder", ""), step_losses=d.get("step_losses"),
                    warnings=d.get("warnings", []))
 
@@ -73,7 +75,7 @@ class TrialResult:
 
 # The row of results.parquet: the trial's identity, its status, then what it measured.
 ROW_IDENTITY = ("trial", "variant", "seed", "note", "overrides", "alias_of", "canonical_hash")
-ROW_STATUS = ("status", "reason", "node_id", "probe_encoder")
+ROW_STATUS = ("status", "reason", "node_id", "machine", "probe_encoder")
 
 
 def result_row(record: dict, status: str, result: Optional[TrialResult] = None, reason: str = "") -> dict:
@@ -83,6 +85,7 @@ def result_row(record: dict, status: str, result: Optional[TrialResult] = None, 
         "overrides": json.dumps(record["overrides"], sort_keys=True, default=str),
         "alias_of": record.get("alias_of") or "", "canonical_hash": record["key"],
         "status": status, "reason": reason, "node_id": result.node_id if result else "",
+        "machine": result.machine if result else "",
         "probe_encoder": result.probe_encoder if result else "",
         **{k: float("nan") for k in FINAL_METRICS + TIMINGS}, **{k: False for k in FLAGS}}
     if result is not None:
@@ -133,7 +136,28 @@ def make_result(cfg: ExperimentConfig, carry: dict, num_classes: int, wall: floa
                "finetune_seconds": ft["finetune_seconds"] + full.get("finetune_full_seconds", 0.0), "wall_seconds": wall}
     return TrialResult(metrics, timings, flags, canonical_hash(cfg), cfg.to_dict(),
                        pre["history"] if pre else [], ft["finetune_history"] + full.get("finetune_full_history", []),
-                       probe_encoder=probe_encoder(cfg), step_losses=(pre or {}).get("step_losses") or None)
+                       probe_encoder=probe_encoder(cfg), step_losses=(pre or {}).get("step_losses") or None,
+                       machine=machine(cfg.resources.use_gpu))
+
+
+def machine(use_gpu: bool = False) -> str:
+    """What a trial's numbers depend on besides its config and the commit: the CPU, the float kernels
+    torch dispatches to on it (AVX2 and AVX512 kernels of one reduction add in other orders), torch's
+    build, and the GPU where one trains. A rerun reproduces a trial to the bit where this matches: the
+    study's trial f681ac6a9713 gives validation 73.00 on an AMD EPYC at AVX2, at both 8737915 and
+    4d70735, against 73.75 on the host that ran the study at 8737915 (docs/results)."""
+    import platform
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    parts = [cpu, f"cpu kernels {torch.backends.cpu.get_cpu_capability()}", f"torch {torch.__version__}"]
+    if use_gpu and torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
+    return "; ".join(parts)
 
 
 def _frozen_phases(cfg: ExperimentConfig, session) -> dict:

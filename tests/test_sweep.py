@@ -96,6 +96,7 @@ def mlflow_runs(uri, experiment):
 @pytest.mark.slow
 def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
     from conmim.run.tune import run_sweep
+    from conmim.trial import machine
     path = sweep_file(tmp_path, "e2e", [
         {"name": "shared_no_stop_grad", "set": {"objective.target_encoder": "shared", "objective.stop_grad": False}},
         {"name": "momentum_no_stop_grad", "set": {"objective.stop_grad": False}},  # alias of baseline
@@ -164,6 +165,7 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
             assert json.loads(failed.read_text())["kind"] == "error"
             continue
         assert r.info.status == "FINISHED" and 0 < r.data.metrics["finetune_top1"] <= 1
+        assert tags["conmim.machine"] == machine(), tags  # what a bit-for-bit rerun needs to match
         assert (sw.dir / "trials" / r.info.run_name / "train.log").stat().st_size > 0  # its own log
         assert "config.yaml" in [a.path for a in c.list_artifacts(r.info.run_id)]
         if r.info.run_name != "scratch_seed0":
@@ -173,6 +175,8 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
     assert base.data.tags["conmim.aliases"] == "momentum_no_stop_grad_seed0"
     table = pq.read_table(sw.dir / "results.parquet").to_pylist()
     assert len(table) == 7
+    assert {r["trial"] for r in table if r["machine"] == machine()} == {
+        "baseline_seed0", "momentum_no_stop_grad_seed0", "shared_no_stop_grad_seed0", "scratch_seed0"}  # alias too
     by_name = {row["trial"]: row for row in table}
     for r in children:
         if r.info.status == "FINISHED":

@@ -61,3 +61,21 @@ def test_a_finished_trials_warning_tag_says_each_flag_after_the_datas_warnings()
     long = _result(target_std=0.05)
     long.warnings = ["x" * 6000]
     assert len(warning_tag(long)) == 5000
+
+
+def test_a_trial_records_the_machine_its_numbers_depend_on(tmp_path):
+    """The same config and commit reproduce a trial to the bit only on a CPU whose torch kernels add
+    in the same order (73.00 on an AMD EPYC at AVX2, 73.75 on the study's host: docs/results): the
+    record names the CPU, torch's dispatch level and torch's version, through result.json and the
+    row of results.parquet (the MLflow tag: test_sweep.py's end-to-end test)."""
+    import torch
+    from conmim.trial import TrialResult, result_row
+    res = _result()
+    cpu, kernels, version = res.machine.split("; ")[:3]
+    assert cpu and kernels == f"cpu kernels {torch.backends.cpu.get_cpu_capability()}"
+    assert version == f"torch {torch.__version__}"
+    back = TrialResult.read(res.write(tmp_path).parent)
+    assert back.machine == res.machine
+    record = {"name": "baseline_seed0", "variant": "baseline", "seed": 0, "overrides": {}, "key": res.canonical_hash}
+    assert result_row(record, "finished", back)["machine"] == res.machine
+    assert result_row(record, "failed")["machine"] == ""

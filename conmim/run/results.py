@@ -42,7 +42,7 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
         if "trial" not in rec:
             src = done.get(rec["alias_of"], {})
             row = result_row(rec, f"alias ({src.get('status', 'pending')})")
-            for k in FINAL_METRICS + FLAGS + ("node_id",):
+            for k in FINAL_METRICS + FLAGS + ("node_id", "machine"):
                 row[k] = src.get(k, row[k])
             rows[i] = row
     return rows

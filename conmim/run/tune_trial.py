@@ -111,6 +111,8 @@ def run_one_trial(params: dict, info: dict) -> None:
     c = mlflow_runs.client(uri)
     if res.node_id:
         mlflow_runs.retry(c.set_tag, run_id, T.NODE_ID, res.node_id)
+    if res.machine:
+        mlflow_runs.retry(c.set_tag, run_id, T.MACHINE, res.machine)
     if tag := warning_tag(res):
         mlflow_runs.retry(c.set_tag, run_id, T.WARNING, tag)
     mlflow_runs.end_run(uri, run_id, "FINISHED")

@@ -14,6 +14,7 @@ OVERRIDES = "conmim.overrides"
 NOTE = "conmim.note"
 GIT_COMMIT = "conmim.git_commit"
 NODE_ID = "conmim.node_id"             # where rank 0 trained
+MACHINE = "conmim.machine"             # ... on what: CPU, torch kernels, torch, GPU (trial.machine)
 WARNING = "conmim.warning"             # collapsed or diverged pre-training, chance-level fine-tune, shortcut
 PROBE_ENCODER = "conmim.probe_encoder"
 REPORT_METRIC = "conmim.report.metric"      # on the parent run: the report's primary metric
