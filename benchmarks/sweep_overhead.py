@@ -11,6 +11,12 @@ Runs a real sweep (local Ray, MLflow in a temporary SQLite file) of N trials and
     python benchmarks/sweep_overhead.py --from ray_results/ablations --wall 3900 --concurrency 2 --threads 1
 
 computes the same two figures for a sweep that already ran (wall time from its log).
+
+    python benchmarks/sweep_overhead.py --compare-reuse --trials 6 --concurrency 2 --set data.subset=256 ...
+
+runs the same sweep 4 times in one Ray session, alternating Tune's trial processes reused
+(``conmim.run.tune.REUSE_TRIAL_PROCESSES``) or not (on, off, off, on), and prints each run's wall
+and CPU seconds (all processes of the machine, /proc/stat) and the ratios reused / not reused.
 """
 import argparse
 import os
@@ -34,12 +40,25 @@ def main():
     ap.add_argument("--wall", type=float, help="with --from: the sweep's wall seconds")
     ap.add_argument("--concurrency", type=int, default=1, help="max_concurrent_trials (with --from: the one it ran with)")
     ap.add_argument("--threads", type=int, default=1, help="with --from: threads per trial")
+    ap.add_argument("--compare-reuse", action="store_true", help="trial processes reused or not, alternating")
     args = ap.parse_args()
     if args.sweep_dir:
         return report(collect_rows(Path(args.sweep_dir)), args.wall, args.concurrency, args.threads)
+    if args.compare_reuse:
+        return compare_reuse(args)
+    sweep, _ = make_sweep(args, "overhead")
+    t = time.time()
+    run_sweep(sweep, report=False)
+    wall = time.time() - t
+    res = sweep.distinct[0].config.resources
+    report(collect_rows(sweep.dir), wall, sweep.spec.resources.max_concurrent_trials,
+           res.num_workers * max(1, int(res.cpus_per_worker)))
+
+
+def make_sweep(args, name):
     tmp = Path(tempfile.mkdtemp(prefix="conmim-sweep-overhead-"))
     sets = dict(s.split("=", 1) for s in args.set)
-    spec = {"name": "overhead", "base": {"config": args.preset, "set": {k: yaml.safe_load(v) for k, v in sets.items()}},
+    spec = {"name": name, "base": {"config": args.preset, "set": {k: yaml.safe_load(v) for k, v in sets.items()}},
             "seeds": list(range(args.trials)), "storage": str(tmp / "ray_results"),
             # trials at a time share the cores: one CPU (thread) per trial's worker each
             "resources": {"max_concurrent_trials": args.concurrency,
@@ -47,13 +66,33 @@ def main():
                              if args.concurrency > 1 else {})},
             "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}}
     (tmp / "s.yaml").write_text(yaml.safe_dump(spec))
-    sweep = load_sweep(str(tmp / "s.yaml"))
-    t = time.time()
-    run_sweep(sweep, report=False)
-    wall = time.time() - t
-    res = sweep.distinct[0].config.resources
-    report(collect_rows(sweep.dir), wall, sweep.spec.resources.max_concurrent_trials,
-           res.num_workers * max(1, int(res.cpus_per_worker)))
+    return load_sweep(str(tmp / "s.yaml")), tmp
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent (all processes: Ray's included) since boot."""
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def compare_reuse(args):
+    from conmim.run import tune as sweep_module
+    from conmim.run.ray_train import ensure_ray
+    ensure_ray(log_to_driver=False)  # one Ray for all four runs: its start is not in either arm
+    got = {True: [], False: []}
+    for i, reuse in enumerate([True, False, False, True]):
+        sweep_module.REUSE_TRIAL_PROCESSES = reuse
+        sweep, _ = make_sweep(args, f"reuse{i}")
+        c, t = busy_cpu_seconds(), time.time()
+        counts = run_sweep(sweep, report=False, echo=lambda *_: None)
+        wall, cpu = time.time() - t, busy_cpu_seconds() - c
+        got[reuse].append((wall, cpu))
+        print(f"run {i + 1}: trial processes {'reused' if reuse else 'new per trial'}: wall {wall:.1f} s, "
+              f"CPU {cpu:.1f} s, {counts}", flush=True)
+    mean = {k: [sum(x[j] for x in v) / len(v) for j in (0, 1)] for k, v in got.items()}
+    print(f"reused / new per trial ({args.trials} trials, {args.concurrency} at a time): "
+          f"wall {mean[True][0] / mean[False][0]:.3f}, CPU {mean[True][1] / mean[False][1]:.3f}; "
+          f"CPU saved per trial {(mean[False][1] - mean[True][1]) / args.trials:.1f} s")
 
 
 def report(rows: list[dict], wall: float, concurrency: int, threads: int) -> None:

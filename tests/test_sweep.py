@@ -112,8 +112,12 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
     assert len(sw.distinct) == 6 and len(sw.aliases) == 1
     (sw.dir / "trials" / "raises_seed0" / "train.log").mkdir(parents=True)
     console: list[str] = []
+    before = trial_processes()
     counts = run_sweep(sw, echo=console.append)
     assert counts == {"finished": 3, "failed": 3, "alias (finished)": 1}, counts
+    # Tune's trial processes are reused (tune.REUSE_TRIAL_PROCESSES): 6 trials, 2 at a time, and the
+    # one that raised gets a new process; one process per trial would be 6
+    assert len(trial_processes() - before) <= 4, trial_processes() - before
     failing = ("diverges", "dies", "raises")
     # the console: one line per trial event, each said once; a progress bar; where things are
     for t in sw.distinct:
@@ -197,6 +201,14 @@ def test_sweep_logs_every_trial_once_and_reports(ray_session, tmp_path):
     # ...and the same report straight from MLflow
     res2 = CliRunner().invoke(main, ["report", "e2e", "--tracking-uri", uri, "--out", str(tmp_path / "rep")])
     assert res2.exit_code == 0 and line in res2.output
+
+
+def trial_processes() -> set:
+    """The ids of the Ray actors that ran Tune function trials in this Ray session, dead or alive."""
+    import ray
+    from ray.util.state import list_actors
+    return {a.actor_id for a in list_actors(address=ray.get_runtime_context().gcs_address, limit=10000,
+                                            filters=[("class_name", "=", "ImplicitFunc")], raise_on_missing_output=False)}
 
 
 def console_bars(lines):

@@ -24,6 +24,12 @@ from conmim.run.tune_trial import run_one_trial, trial_record
 from conmim.tracking import client as mlflow_runs
 from conmim.tracking import tags as T
 
+# A trial's Tune process (run_one_trial) imports Ray Tune and Train, torch and MLflow: ~9 s of a
+# core, paid per trial when each trial gets a new process. Reused, the next trial starts in the
+# process the last one left, as soon as it ends (benchmarks/sweep_overhead.py --compare-reuse).
+# run_one_trial keeps nothing between calls; a trial that raised gets a fresh process (Tune's rule).
+REUSE_TRIAL_PROCESSES = True
+
 
 def preflight(sweep: Sweep, resume: bool, echo=print) -> dict[str, list[str]]:
     """Everything that can be wrong is found before Ray starts (ConfigError, exit 2), the data
@@ -214,6 +220,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, report: bool = True, echo=prin
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(search_alg=algo, scheduler=_scheduler(sweep), num_samples=num_samples,
                                             max_concurrent_trials=sweep.spec.resources.max_concurrent_trials,
+                                            reuse_actors=REUSE_TRIAL_PROCESSES,
                                             trial_name_creator=lambda t: f"trial_{t.trial_id}",
                                             trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
                 run_config=_run_config(sweep, tune_dir, callbacks),
