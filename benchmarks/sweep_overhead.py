@@ -46,7 +46,7 @@ def main():
         return report(collect_rows(Path(args.sweep_dir)), args.wall, args.concurrency, args.threads)
     if args.compare_reuse:
         return compare_reuse(args)
-    sweep, _ = make_sweep(args, "overhead")
+    sweep = make_sweep(args, "overhead")
     t = time.time()
     run_sweep(sweep, report=False)
     wall = time.time() - t
@@ -66,7 +66,7 @@ def make_sweep(args, name):
                              if args.concurrency > 1 else {})},
             "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}}
     (tmp / "s.yaml").write_text(yaml.safe_dump(spec))
-    return load_sweep(str(tmp / "s.yaml")), tmp
+    return load_sweep(str(tmp / "s.yaml"))
 
 
 def busy_cpu_seconds() -> float:
@@ -82,7 +82,7 @@ def compare_reuse(args):
     got = {True: [], False: []}
     for i, reuse in enumerate([True, False, False, True]):
         sweep_module.REUSE_TRIAL_PROCESSES = reuse
-        sweep, _ = make_sweep(args, f"reuse{i}")
+        sweep = make_sweep(args, f"reuse{i}")
         c, t = busy_cpu_seconds(), time.time()
         counts = run_sweep(sweep, report=False, echo=lambda *_: None)
         wall, cpu = time.time() - t, busy_cpu_seconds() - c

@@ -117,6 +117,16 @@ def wait_for(pred, timeout: float, what: str, step: float = 0.5, stop=None):
         time.sleep(step)
 
 
+def session_actors(class_name: str | None = None) -> list:
+    """The actors of this test process's Ray session, dead or alive (Ray's state API), found by the
+    session's own GCS address: another local Ray on the machine (a `conmim` subprocess's) must not matter."""
+    import ray
+    from ray.util.state import list_actors
+    filters = [("class_name", "=", class_name)] if class_name else None
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, limit=10_000,
+                       raise_on_missing_output=False)
+
+
 def small_cfg(**overrides):
     o = {**SMALL, **{k.replace("__", "."): v for k, v in overrides.items()}}
     return load_config("tiny", [f"{k}={v}" for k, v in o.items()])

@@ -9,7 +9,7 @@ import torch
 
 from conmim.train import schedules
 from conmim.run.ray_train import pretrain_phase
-from conftest import CONMIM, SMALL
+from conftest import CONMIM, SMALL, session_actors
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +35,7 @@ def test_two_workers_match_one_worker_with_sync_bn(ray_session, small, tmp_path)
     # final LayerNorm bias before the projector's BatchNorm, take AdamW's sign-like steps on
     # round-off, even in float64; the losses above are the observable that must agree)
     # the local Ray ran both Train runs without a preemption watcher (no spot nodes on one machine)
-    from ray.util.state import list_actors
-    # this session's Ray by its address: another local Ray on the machine (a `conmim train`) must not matter
-    started = {a.class_name for a in list_actors(address=ray_session.get_runtime_context().gcs_address,
-                                                 limit=10_000, raise_on_missing_output=False)}
+    started = {a.class_name for a in session_actors()}
     assert "TrainController" in started and "RayTrainWorker" in started, started
     assert "PreemptionWatcher" not in started, started
 
