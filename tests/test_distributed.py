@@ -38,6 +38,8 @@ def test_two_workers_match_one_worker_with_sync_bn(ray_session, small, tmp_path)
     started = {a.class_name for a in session_actors()}
     assert "TrainController" in started and "RayTrainWorker" in started, started
     assert "PreemptionWatcher" not in started, started
+    # nor Ray Data's DatasetManager: conmim passes Ray Train no Ray Dataset (ray_train._without_dataset_manager)
+    assert "DatasetManager" not in started, started
 
 
 @pytest.mark.timeout(600)

@@ -38,3 +38,24 @@ def test_scheduler_asha_is_tunes_asha_with_the_files_settings(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("name: s\nbase: tiny\nvariants:\n  - {name: t02, set: {objective.temperature: 0.2}}\n")
     assert _scheduler(load_sweep(str(p))) is None
+
+
+def test_a_train_run_without_ray_datasets_gets_every_callback_of_rays_but_the_dataset_manager(small, tmp_path):
+    """Ray Train 2.60 starts a ``DatasetManager`` actor (a process importing Ray Data) for every
+    run, Ray Datasets or not; conmim passes none, so its trainer leaves that callback out and
+    keeps every other one of Ray's (checked here against Ray's own list, which a Ray upgrade may
+    change). A trainer given a Ray Dataset keeps it. The run itself: tests/test_distributed.py."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from conmim.run.ray_train import _trainer, _without_dataset_manager
+    ours = _trainer(small(), tmp_path, "trial", None)
+    assert type(ours).__name__ == "TorchTrainer" and isinstance(ours, TorchTrainer)
+    rays = TorchTrainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                        run_config=ray.train.RunConfig(storage_path=str(tmp_path)))
+    names = [type(c).__name__ for c in rays._create_default_callbacks()]
+    assert "DatasetsCallback" in names, names
+    assert [type(c).__name__ for c in ours._create_default_callbacks()] == [n for n in names if n != "DatasetsCallback"]
+    with_data = _without_dataset_manager(TorchTrainer)(
+        lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1), datasets={"train": lambda: None},
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path)))
+    assert [type(c).__name__ for c in with_data._create_default_callbacks()] == names

@@ -26,6 +26,8 @@ RAY_DEFAULT_ENV = {"RAY_TRAIN_V2_ENABLED": "1"}
 # watcher (a helper actor per Train run, a Python process importing Ray Train, ~2 s of a core on
 # a laptop), which guards against what cannot happen on one machine: a preempted cloud node.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# No Ray Data actor for a run without Ray Datasets (_without_dataset_manager); False: Ray's default.
+SKIP_UNUSED_DATASET_MANAGER = True
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, log_to_driver: bool = True) -> None:
@@ -110,6 +112,26 @@ def run_name(out: Path, task: str) -> str:
     return f"{task}-{hashlib.sha1(str(out).encode()).hexdigest()[:10]}"
 
 
+def _without_dataset_manager(trainer_cls):
+    """``trainer_cls`` without Ray Data's part when no Ray Dataset is passed (conmim's never are:
+    each worker reads its own shard). Ray Train 2.60 starts a ``DatasetManager`` actor per run
+    regardless, a Python process importing Ray Data: 3.4 s of a core for nothing, once per trial
+    (benchmarks/train_run_overhead.py). The hook is Ray's private ``_create_default_callbacks``
+    (ray is pinned to 2.60.*): tests/test_tune_settings.py compares the callbacks with Ray's own
+    list, tests/test_distributed.py checks that no ``DatasetManager`` starts."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(trainer_cls):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if not SKIP_UNUSED_DATASET_MANAGER or self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
+
+
 def _trainer(cfg: ExperimentConfig, out: Path, task: str, storage: Optional[str], extra: dict | None = None,
              callbacks: list | None = None):
     import ray.train
@@ -118,7 +140,7 @@ def _trainer(cfg: ExperimentConfig, out: Path, task: str, storage: Optional[str]
     per_worker = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         per_worker["GPU"] = r.gpus_per_worker
-    return TorchTrainer(
+    return _without_dataset_manager(TorchTrainer)(
         _worker,
         train_loop_config={"experiment": cfg.to_dict(), "out": str(out), "task": task, "attempt": uuid.uuid4().hex,
                            **(extra or {})},
