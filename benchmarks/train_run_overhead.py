@@ -17,16 +17,11 @@ from pathlib import Path
 
 import conmim.run.ray_train as ray_train
 from conmim.config import load_config
+from sweep_overhead import busy_cpu_seconds  # (this folder)
 
 SMALL = {"data.subset": 256, "data.eval_subset": 256, "pretrain.epochs": 1, "pretrain.batch_size": 64,
          "pretrain.warmup_epochs": 0, "finetune.epochs": 1, "finetune.batch_size": 64, "finetune.warmup_epochs": 0,
          "eval.probe_epochs": 2, "resources.cpus_per_worker": 1}
-
-
-def busy_cpu_seconds() -> float:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / 100  # all but idle and iowait, in USER_HZ (100 a second)
 
 
 def actor_classes() -> dict:
