@@ -10,6 +10,7 @@ Runs are named deterministically from the output folder, so re-running the same 
 a crash finds the Train run's checkpoints and continues (Ray Train V2 restores a run by name)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -112,6 +113,7 @@ def run_name(out: Path, task: str) -> str:
     return f"{task}-{hashlib.sha1(str(out).encode()).hexdigest()[:10]}"
 
 
+@functools.cache  # one subclass per trainer class, not one per trial
 def _without_dataset_manager(trainer_cls):
     """``trainer_cls`` without Ray Data's part when no Ray Dataset is passed (conmim's never are:
     each worker reads its own shard). Ray Train 2.60 starts a ``DatasetManager`` actor per run
